@@ -1,0 +1,38 @@
+"""Load a saved pipeline from a local folder or a Hub id, with errors that name the problem."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+from .pipeline import LatentDiffusionPipeline
+
+# Hub ids are "name" or "owner/name" with letters, digits, "-", "_" and ".".
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class ModelLoadError(ValueError):
+    """A model folder or Hub id that cannot be loaded; the message says why."""
+
+
+def load_pipeline(model: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> LatentDiffusionPipeline:
+    """Load a `LatentDiffusionPipeline` from a folder or a Hub id through ``from_pretrained``.
+
+    Raises:
+        ModelLoadError: the folder is missing or not a pipeline folder, or the Hub id cannot be
+            fetched (no network, unknown repository).
+    """
+    model = str(model)
+    if os.path.exists(model):
+        if not os.path.isfile(os.path.join(model, "model_index.json")):
+            raise ModelLoadError(f"{model} is not a pipeline folder: it has no model_index.json")
+    elif not _HUB_ID.match(model) or model.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model folder not found: {model}")
+    try:
+        return LatentDiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype)
+    except (OSError, ValueError, KeyError) as err:
+        where = "folder" if os.path.exists(model) else "Hub id"
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"could not load the pipeline from {where} {model!r}: {first_line}") from err

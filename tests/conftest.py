@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny models built in code, saved to temporary folders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm_pipeline import LatentDiffusionPipeline, build_pipeline
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A saved, untrained `tiny` pipeline with seeded weights."""
+    torch.manual_seed(0)
+    pipe = build_pipeline("tiny")
+    path = tmp_path_factory.mktemp("tiny") / "pipeline"
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def pipe(tiny_dir) -> LatentDiffusionPipeline:
+    pipe = LatentDiffusionPipeline.from_pretrained(tiny_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)

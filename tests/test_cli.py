@@ -1,0 +1,105 @@
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from ldm_pipeline.cli import main
+
+
+def test_generate_writes_one_png(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_dir),
+            "--prompt",
+            "a red circle",
+            "--steps",
+            "2",
+            "--seed",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    assert Image.open(out).size == (32, 32)
+    assert str(out) in capsys.readouterr().out
+
+
+def test_generate_grid_with_scheduler_and_size(tiny_dir, tmp_path):
+    out = tmp_path / "grid.png"
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_dir),
+            "--prompt",
+            "a red circle",
+            "--negative-prompt",
+            "blue",
+            "--steps",
+            "2",
+            "--guidance",
+            "3",
+            "--num-images",
+            "3",
+            "--height",
+            "16",
+            "--width",
+            "24",
+            "--scheduler",
+            "euler-a",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    assert Image.open(out).size == (2 * 24, 2 * 16)
+    assert sorted(p.name for p in tmp_path.glob("grid-*.png")) == ["grid-0.png", "grid-1.png", "grid-2.png"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "/no/such/folder"], "model folder not found: /no/such/folder"),
+        (["--height", "15"], "`height` must be a positive multiple of the VAE factor 2"),
+    ],
+)
+def test_generate_errors_are_one_line(tiny_dir, tmp_path, capsys, args, message):
+    argv = ["generate", "--model", str(tiny_dir), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "a.png")]
+    assert main(argv + args) == 2  # a repeated option: argparse keeps the last
+    err = capsys.readouterr().err
+    assert err.strip().startswith(f"ldm generate: error: {message}")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_folder_without_model_index_is_named(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "a.png")]) == 2
+    assert "has no model_index.json" in capsys.readouterr().err
+
+
+def test_console_script_reports_bad_value_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ldm_pipeline.cli",
+            "generate",
+            "--model",
+            str(tmp_path / "missing"),
+            "--prompt",
+            "x",
+            "--steps",
+            "0",
+            "--out",
+            str(tmp_path / "a.png"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "--steps: must be a positive integer, got 0" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,1 @@
+"""Trainers for ldm-pipeline: one module per stage on a shared loop (see ARCHITECTURE.md)."""
