@@ -36,3 +36,18 @@ def load_pipeline(model: str | os.PathLike, torch_dtype: torch.dtype | None = No
         where = "folder" if os.path.exists(model) else "Hub id"
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"could not load the pipeline from {where} {model!r}: {first_line}") from err
+
+
+def load_component(cls: type, source: str, subfolder: str, **kwargs):
+    """Load one model (e.g. ``AutoencoderKL``) from a folder or Hub id with ``cls.from_pretrained``.
+
+    ``source`` may hold the model itself (``stabilityai/sd-vae-ft-mse``) or a whole pipeline, in
+    which case the model is read from its ``subfolder`` (``vae``, ``text_encoder``, ...).
+    """
+    if os.path.isdir(source):
+        inside = os.path.isfile(os.path.join(source, "model_index.json"))
+        return cls.from_pretrained(source, subfolder=subfolder if inside else None, **kwargs)
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except OSError:
+        return cls.from_pretrained(source, subfolder=subfolder, **kwargs)

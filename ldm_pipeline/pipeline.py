@@ -28,6 +28,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
 logger = logging.get_logger(__name__)
@@ -36,6 +37,24 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # The class name written to model_index.json: stock diffusers resolves it, so a folder saved here
 # loads with `DiffusionPipeline.from_pretrained` anywhere diffusers runs.
 SAVED_CLASS_NAME = "StableDiffusionPipeline"
+
+
+def _prefix_text_encoder_keys(path: str) -> None:
+    """Store CLIP text weights under ``text_model.*``, as released Stable Diffusion checkpoints do.
+
+    transformers 5 saves ``CLIPTextModel`` without the prefix, which transformers 4 would not
+    match (it would initialise the encoder at random); with the prefix both versions load it.
+    """
+    if not os.path.isfile(path):
+        return
+    tensors = load_file(path)
+    if all(k.startswith("text_model.") for k in tensors):
+        return
+    save_file(
+        {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in tensors.items()},
+        path,
+        metadata={"format": "pt"},
+    )
 
 
 class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusionLoraLoaderMixin):
@@ -96,6 +115,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             json.dump(index, f, indent=2, sort_keys=True)
             f.write("\n")
         self.tokenizer.backend_tokenizer.model.save(os.path.join(save_directory, "tokenizer"))
+        _prefix_text_encoder_keys(os.path.join(save_directory, "text_encoder", "model.safetensors"))
 
     def check_inputs(
         self,

@@ -16,6 +16,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UniPCMultistepScheduler,
 )
+from safetensors import safe_open
 
 from ldm_pipeline import LatentDiffusionPipeline
 
@@ -40,6 +41,9 @@ def test_saved_folder_layout(tiny_dir):
     assert not list(tiny_dir.rglob("*.bin"))
     assert (tiny_dir / "tokenizer" / "vocab.json").exists() and (tiny_dir / "tokenizer" / "merges.txt").exists()
     assert json.loads((tiny_dir / "vae" / "config.json").read_text())["scaling_factor"] == 1.0
+    # Text weights keyed as in released Stable Diffusion checkpoints, so transformers 4 loads them too.
+    with safe_open(tiny_dir / "text_encoder" / "model.safetensors", "pt") as f:
+        assert all(k.startswith("text_model.") for k in f.keys())  # noqa: SIM118 (safe_open is not iterable)
 
 
 def test_round_trip_gives_same_weights_and_images(pipe, tmp_path):

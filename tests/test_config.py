@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+
+from training.config import ConfigError, RunConfig, config_from_dict, load_config, save_config
+from training.quickstart import quickstart_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"unet": {"learning_rat": 1e-3}}, r"unet\.learning_rat: unknown key \(did you mean 'learning_rate'\?\)"),
+        ({"bogus": 1}, "bogus: unknown key"),
+        ({"unet": {"steps": "many"}}, "unet.steps: must be int, got str"),
+        ({"unet": {"steps": 2.5}}, "unet.steps: must be int, got float"),
+        ({"vae": {"learning_rate": -1e-4}}, "vae.learning_rate: must be positive"),
+        ({"data": {"resolution": 66}}, "data.resolution: 66 is not a positive multiple of the VAE factor 4"),
+        ({"unet": {"prediction_type": "x0"}}, r"unet.prediction_type: must be one of \['epsilon', 'v_prediction'\]"),
+        ({"unet": {"caption_dropout": 1.0}}, r"unet.caption_dropout: must be in \[0, 1\)"),
+        ({"stages": ["vae", "decoder"]}, "stages: unknown stage 'decoder'"),
+        ({"model": "huge"}, "model: unknown preset 'huge'"),
+        ({"vae": {"crop_size": 30}}, "vae.crop_size: 30 must be a positive multiple"),
+        ({"vae": 3}, "vae: must be a mapping"),
+        ({"mixed_precision": True}, "mixed_precision: must be one of"),
+    ],
+)
+def test_bad_configs_name_the_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(data)
+
+
+def test_defaults_overrides_and_types():
+    cfg = config_from_dict({"unet": {"learning_rate": 2}}, ["unet.steps=7", "vae.crop_size=null", "stages=[unet]"])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.unet.learning_rate == 2.0 and isinstance(cfg.unet.learning_rate, float)
+    assert (cfg.unet.steps, cfg.vae.crop_size, cfg.stages) == (7, None, ["unet"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        config_from_dict({}, ["unet.steps"])
+
+
+def test_yaml_round_trip_and_file_errors(tmp_path):
+    cfg = config_from_dict({}, ["unet.steps=11"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("unet: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_shipped_configs_are_valid_and_match_the_quickstart():
+    assert load_config(CONFIGS / "shapes.yaml") == quickstart_config()
+    assert load_config(CONFIGS / "tiny.yaml") == quickstart_config(smoke=True)
+    assert load_config(CONFIGS / "digits.yaml").data.name == "digits"

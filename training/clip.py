@@ -1,0 +1,84 @@
+"""Stage ``clip``: a small CLIPModel trained contrastively on (image, caption) pairs.
+
+The InfoNCE loss of Radford et al. 2021 (CLIP), as ``CLIPModel(return_loss=True)`` computes it.
+The text tower becomes the pipeline's text encoder (``out/text_encoder`` + ``out/tokenizer``);
+the whole model is kept in ``out/clip`` as the run's evaluator (CLIP score).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer
+
+from ldm_pipeline.evaluation.metrics import clip_pixel_values
+from ldm_pipeline.loading import load_component
+from ldm_pipeline.presets import get_preset, text_config, vision_config
+from ldm_pipeline.tokenizer import load_clip_tokenizer
+
+from .cache import Pixels
+from .config import RunConfig
+from .loop import index_batches, run_loop
+
+
+def text_tower(clip: CLIPModel) -> CLIPTextModel:
+    """A standalone `CLIPTextModel` holding the CLIP model's text transformer weights."""
+    text = CLIPTextModel(clip.config.text_config)
+    text.load_state_dict(clip.text_model.state_dict())
+    return text
+
+
+def train_clip(cfg: RunConfig, train: Pixels, out: Path, accelerator: Accelerator) -> dict:
+    """Train (or load, with ``clip.pretrained``) the text encoder; save it and the tokenizer."""
+    c = cfg.clip
+    preset = get_preset(cfg.model)
+    if c.pretrained:
+        text_encoder = load_component(CLIPTextModel, c.pretrained, "text_encoder")
+        tokenizer = load_component(CLIPTokenizer, c.pretrained, "tokenizer")
+        metrics: dict = {"pretrained": c.pretrained}
+    else:
+        tokenizer = load_clip_tokenizer(preset.text.max_length)
+        config = CLIPConfig(text_config=text_config(preset).to_dict(), vision_config=vision_config(preset).to_dict())
+        config.projection_dim = preset.text.projection_dim
+        clip = CLIPModel(config)
+        token_ids = tokenizer(
+            train.texts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        optimizer = torch.optim.AdamW(clip.parameters(), lr=c.learning_rate, weight_decay=0.1)
+        clip, optimizer = accelerator.prepare(clip, optimizer)
+        batches = index_batches(len(train), c.batch_size, cfg.seed + 1, accelerator)
+
+        def compute_loss(step: int) -> dict[str, torch.Tensor]:
+            index = next(batches)
+            images = clip_pixel_values(train.float_batch(index).to(accelerator.device))
+            output = clip(input_ids=token_ids[index].to(accelerator.device), pixel_values=images, return_loss=True)
+            return {"loss": output.loss}
+
+        result = run_loop(
+            accelerator,
+            clip,
+            optimizer,
+            compute_loss,
+            steps=c.steps,
+            warmup_steps=c.warmup_steps,
+            desc="clip",
+            max_minutes=c.max_minutes,
+        )
+        clip = accelerator.unwrap_model(clip)
+        text_encoder = text_tower(clip)
+        metrics = {"steps": result.steps, "minutes": round(result.minutes, 2), "final_loss": result.final_loss}
+        if accelerator.is_main_process:
+            clip.save_pretrained(out / "clip")
+            tokenizer.save_pretrained(out / "clip")
+            result.save(out / "logs" / "clip_losses.json")
+    if accelerator.is_main_process:
+        text_encoder.save_pretrained(out / "text_encoder")
+        tokenizer.save_pretrained(out / "tokenizer")
+    accelerator.wait_for_everyone()
+    return metrics

@@ -1,0 +1,157 @@
+"""Stage ``vae``: train an AutoencoderKL on the dataset's images.
+
+Loss: L1 or L2 reconstruction + ``kl_weight`` × KL, and optionally a PatchGAN discriminator with
+hinge loss and the adaptive weight of Esser et al. 2021 (VQGAN, eq. 7) after a start step, as in
+the latent-diffusion recipe (Rombach et al. 2022, appendix G). After training the latents' std
+on the data is measured and ``scaling_factor = 1 / std`` is stored in the VAE's config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import AutoencoderKL
+from torch import nn
+
+from ldm_pipeline.evaluation.metrics import vae_reconstruction_psnr
+from ldm_pipeline.loading import load_component
+from ldm_pipeline.presets import build_vae
+
+from .cache import Pixels
+from .config import RunConfig
+from .loop import index_batches, run_loop
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Isola et al. 2017): a real/fake logit for each overlapping image patch."""
+
+    def __init__(self, channels: int = 32, layers: int = 2):
+        super().__init__()
+        blocks: list[nn.Module] = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        width = channels
+        for i in range(layers):
+            out = width * 2
+            stride = 2 if i < layers - 1 else 1
+            blocks += [nn.Conv2d(width, out, 4, stride, 1), nn.GroupNorm(8, out), nn.LeakyReLU(0.2)]
+            width = out
+        blocks.append(nn.Conv2d(width, 1, 4, 1, 1))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """VQGAN's λ = ‖∇ L_rec‖ / (‖∇ L_GAN‖ + 1e-4) at the decoder's last layer, clamped to [0, 1e4]."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+def _random_crop(x: torch.Tensor, size: int | None, generator: torch.Generator) -> torch.Tensor:
+    """One random ``size`` x ``size`` window per batch (the whole image when size is None)."""
+    if size is None or size >= x.shape[-1]:
+        return x
+    top, left = (int(v) for v in torch.randint(0, x.shape[-1] - size + 1, (2,), generator=generator))
+    return x[..., top : top + size, left : left + size]
+
+
+def new_vae(cfg: RunConfig) -> AutoencoderKL:
+    """The preset's VAE with the encoder's log-variance output biased to ``logvar_init``."""
+    vae = build_vae(cfg.model)
+    with torch.no_grad():
+        vae.encoder.conv_out.bias[vae.config.latent_channels :] = cfg.vae.logvar_init
+    return vae
+
+
+@torch.no_grad()
+def measure_scaling_factor(vae: AutoencoderKL, pixels: Pixels, batch_size: int = 128) -> float:
+    """1 / std of posterior samples over the images, so that scaled latents have unit variance."""
+    vae.eval()
+    total, total_sq, count = 0.0, 0.0, 0
+    generator = torch.Generator(device=vae.device).manual_seed(0)
+    for start in range(0, len(pixels), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(pixels)))
+        z = vae.encode(pixels.float_batch(index).to(vae.device)).latent_dist.sample(generator).double()
+        total, total_sq, count = total + z.sum().item(), total_sq + z.pow(2).sum().item(), count + z.numel()
+    std = (total_sq / count - (total / count) ** 2) ** 0.5
+    return 1.0 / std
+
+
+def train_vae(cfg: RunConfig, train: Pixels, holdout: Pixels, out: Path, accelerator: Accelerator) -> dict:
+    """Train (or load, with ``vae.pretrained``) the VAE, save it to ``out/vae``, return metrics."""
+    c = cfg.vae
+    if c.pretrained:
+        vae = load_component(AutoencoderKL, c.pretrained, "vae")
+        metrics: dict = {"pretrained": c.pretrained}
+    else:
+        vae = new_vae(cfg)
+        optimizer = torch.optim.AdamW(vae.parameters(), lr=c.learning_rate, weight_decay=0.0)
+        vae, optimizer = accelerator.prepare(vae, optimizer)
+        batches = index_batches(len(train), c.batch_size, cfg.seed, accelerator)
+        use_gan = c.gan_start_step is not None
+        disc = d_opt = None
+        if use_gan:
+            disc = PatchDiscriminator()
+            d_opt = torch.optim.AdamW(disc.parameters(), lr=c.learning_rate, betas=(0.5, 0.9))
+            disc, d_opt = accelerator.prepare(disc, d_opt)
+        state: dict = {}
+        model = accelerator.unwrap_model(vae)
+
+        crop_gen = torch.Generator().manual_seed(cfg.seed + 4)
+
+        def compute_loss(step: int) -> dict[str, torch.Tensor]:
+            x = _random_crop(train.float_batch(next(batches)), c.crop_size, crop_gen).to(accelerator.device)
+            posterior = vae.encode(x).latent_dist
+            rec = vae.decode(posterior.sample()).sample
+            err = (rec.float() - x).abs() if c.loss == "l1" else (rec.float() - x).pow(2)
+            rec_loss = err.mean()
+            kl = posterior.kl().mean() / x[0].numel()
+            loss = rec_loss + c.kl_weight * kl
+            terms = {"rec": rec_loss.detach(), "kl": kl.detach()}
+            if use_gan and step >= c.gan_start_step:
+                g_loss = -disc(rec).float().mean()
+                weight = adaptive_gan_weight(rec_loss, g_loss, model.decoder.conv_out.weight)
+                loss = loss + c.gan_weight * weight * g_loss
+                terms["g"] = g_loss.detach()
+            state.update(x=x, rec=rec.detach())
+            return {"loss": loss, **terms}
+
+        def discriminator_step(step: int) -> dict[str, float]:
+            if step < c.gan_start_step:
+                return {}
+            with accelerator.autocast():
+                real, fake = disc(state["x"]).float(), disc(state["rec"]).float()
+                d_loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+            accelerator.backward(d_loss)
+            d_opt.step()
+            d_opt.zero_grad(set_to_none=True)
+            return {"d": float(d_loss.detach())}
+
+        result = run_loop(
+            accelerator,
+            vae,
+            optimizer,
+            compute_loss,
+            steps=c.steps,
+            warmup_steps=c.warmup_steps,
+            desc="vae",
+            max_minutes=c.max_minutes,
+            after_step=discriminator_step if use_gan else None,
+        )
+        vae = accelerator.unwrap_model(vae)
+        metrics = {"steps": result.steps, "minutes": round(result.minutes, 2), "final_loss": result.final_loss}
+        if accelerator.is_main_process:
+            result.save(out / "logs" / "vae_losses.json")
+        vae.register_to_config(scaling_factor=measure_scaling_factor(vae, train))
+    vae.eval()
+    if len(holdout):
+        metrics["psnr"] = round(vae_reconstruction_psnr(vae, holdout.float_batch(torch.arange(len(holdout)))), 3)
+    metrics["scaling_factor"] = vae.config.scaling_factor
+    if accelerator.is_main_process:
+        vae.save_pretrained(out / "vae")
+    accelerator.wait_for_everyone()
+    return metrics
