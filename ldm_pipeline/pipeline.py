@@ -31,6 +31,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from .tokenizer import token_ids
+
 logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -171,12 +173,12 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
     def _tokenize(self, prompt: list[str]) -> torch.Tensor:
         """Token ids padded to the tokenizer's length; longer prompts are cut with a warning."""
         max_len = self.tokenizer.model_max_length
-        ids = self.tokenizer(prompt, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+        ids = token_ids(self.tokenizer, prompt)
         full = self.tokenizer(prompt, padding="longest", return_tensors="pt").input_ids
         if full.shape[-1] > max_len:
             removed = self.tokenizer.batch_decode(full[:, max_len - 1 : -1], skip_special_tokens=True)
             logger.warning(f"prompt cut to {max_len} tokens; dropped: {[r for r in removed if r]}")
-        return ids.input_ids
+        return ids
 
     def encode_prompt(
         self,

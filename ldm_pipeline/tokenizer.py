@@ -13,6 +13,7 @@ import gzip
 from functools import lru_cache
 from importlib import resources
 
+import torch
 from transformers import CLIPTokenizer
 
 VOCAB_SIZE = 49408
@@ -73,3 +74,10 @@ def load_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
         unk_token=EOS_TOKEN,
         pad_token=EOS_TOKEN,
     )
+
+
+def token_ids(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
+    """Token ids of ``texts`` padded and cut to the tokenizer's ``model_max_length``."""
+    return tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids

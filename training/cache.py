@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm_pipeline.data import load_builtin
+from ldm_pipeline.tokenizer import token_ids
 
 from .config import DataConfig
 
@@ -80,12 +81,6 @@ def encode_texts(
     text_encoder.eval()
     chunks = []
     for start in range(0, len(unique), batch_size):
-        ids = tokenizer(
-            unique[start : start + batch_size],
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        ids = token_ids(tokenizer, unique[start : start + batch_size])
         chunks.append(text_encoder(ids.to(text_encoder.device))[0].float().cpu())
     return torch.cat(chunks), torch.tensor([position[t] for t in texts])

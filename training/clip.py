@@ -16,7 +16,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer
 from ldm_pipeline.evaluation.metrics import clip_pixel_values
 from ldm_pipeline.loading import load_component
 from ldm_pipeline.presets import get_preset, text_config, vision_config
-from ldm_pipeline.tokenizer import load_clip_tokenizer
+from ldm_pipeline.tokenizer import load_clip_tokenizer, token_ids
 
 from .cache import Pixels
 from .config import RunConfig
@@ -43,13 +43,7 @@ def train_clip(cfg: RunConfig, train: Pixels, out: Path, accelerator: Accelerato
         config = CLIPConfig(text_config=text_config(preset).to_dict(), vision_config=vision_config(preset).to_dict())
         config.projection_dim = preset.text.projection_dim
         clip = CLIPModel(config)
-        token_ids = tokenizer(
-            train.texts,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        ids = token_ids(tokenizer, train.texts)
         optimizer = torch.optim.AdamW(clip.parameters(), lr=c.learning_rate, weight_decay=0.1)
         clip, optimizer = accelerator.prepare(clip, optimizer)
         batches = index_batches(len(train), c.batch_size, cfg.seed + 1, accelerator)
@@ -57,7 +51,7 @@ def train_clip(cfg: RunConfig, train: Pixels, out: Path, accelerator: Accelerato
         def compute_loss(step: int) -> dict[str, torch.Tensor]:
             index = next(batches)
             images = clip_pixel_values(train.float_batch(index).to(accelerator.device))
-            output = clip(input_ids=token_ids[index].to(accelerator.device), pixel_values=images, return_loss=True)
+            output = clip(input_ids=ids[index].to(accelerator.device), pixel_values=images, return_loss=True)
             return {"loss": output.loss}
 
         result = run_loop(

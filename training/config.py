@@ -81,6 +81,8 @@ class UNetConfig:
     min_snr_gamma: float | None = 5.0
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
+    # Save the EMA UNet every this many minutes of training (for adherence-vs-time curves).
+    snapshot_every_minutes: int | None = None
     max_minutes: float | None = None
 
 
@@ -174,7 +176,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         _positive(stage, name, ("steps", "batch_size", "learning_rate", "max_minutes"))
         if stage.warmup_steps < 0:
             raise ConfigError(f"{name}.warmup_steps: must be >= 0, got {stage.warmup_steps}")
-    _positive(cfg.unet, "unet", ("min_snr_gamma",))
+    _positive(cfg.unet, "unet", ("min_snr_gamma", "snapshot_every_minutes"))
     if not 0 <= cfg.unet.caption_dropout < 1:
         raise ConfigError(f"unet.caption_dropout: must be in [0, 1), got {cfg.unet.caption_dropout}")
     if not 0 < cfg.unet.ema_decay < 1:

@@ -86,13 +86,15 @@ def run_loop(
     max_minutes: float | None = None,
     ema: EMAModel | None = None,
     after_step: Callable[[int], dict[str, float]] | None = None,
+    on_minute: Callable[[float], None] | None = None,
     max_grad_norm: float = 1.0,
     log_every: int = 10,
 ) -> LoopResult:
     """Run ``steps`` optimiser steps (or until ``max_minutes``), with a progress bar.
 
     ``model`` and ``optimizer`` must already be passed through ``accelerator.prepare``;
-    ``compute_loss`` runs under the accelerator's autocast.
+    ``compute_loss`` runs under the accelerator's autocast. ``on_minute(elapsed_minutes)`` is
+    called after the first step past each whole minute of training.
     """
     lr_scheduler = get_scheduler(
         "cosine", optimizer, num_warmup_steps=min(warmup_steps, steps // 2), num_training_steps=steps
@@ -101,6 +103,7 @@ def run_loop(
     start = time.monotonic()
     losses: list[dict[str, float]] = []
     step = 0
+    minutes_reported = 0
     model.train()
     while step < steps:
         with accelerator.autocast():
@@ -120,7 +123,11 @@ def run_loop(
             losses.append(entry)
             bar.set_postfix(loss=f"{entry['loss']:.4f}", refresh=False)
         bar.update()
-        if max_minutes is not None and time.monotonic() - start > max_minutes * 60:
+        elapsed = (time.monotonic() - start) / 60
+        if on_minute is not None and int(elapsed) > minutes_reported:
+            minutes_reported = int(elapsed)
+            on_minute(elapsed)
+        if max_minutes is not None and elapsed > max_minutes:
             bar.write(f"{desc}: stopping at step {step} of {steps}: the {max_minutes} minute limit is reached")
             break
     bar.close()

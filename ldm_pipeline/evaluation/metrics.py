@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..tokenizer import token_ids
+
 
 def psnr(images: torch.Tensor, references: torch.Tensor) -> float:
     """Mean peak signal-to-noise ratio in dB of images in [0, 1] against references."""
@@ -49,13 +51,7 @@ def clip_score(clip, tokenizer, images: torch.Tensor, prompts: list[str], batch_
     clip.eval()
     scores = []
     for start in range(0, len(prompts), batch_size):
-        ids = tokenizer(
-            prompts[start : start + batch_size],
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        ids = token_ids(tokenizer, prompts[start : start + batch_size])
         img = clip.get_image_features(pixel_values=clip_pixel_values(images[start : start + batch_size]))
         txt = clip.get_text_features(input_ids=ids)
         img, txt = (getattr(f, "pooler_output", f) for f in (img, txt))
