@@ -160,7 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ldm`` command; expected failures print one line and return 2."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may follow options (`ldm train c.yaml --output o unet.steps=5`), which argparse
+    # does not match to a positional after a sub-command: collect them here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         args.func(args)
     except (ValueError, OSError) as err:

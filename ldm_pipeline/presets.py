@@ -7,6 +7,7 @@ from the same builders.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
@@ -76,6 +77,21 @@ SD_NOISE_SCHEDULE = {
     "beta_schedule": "scaled_linear",
 }
 
+# The CPU-sized networks of the from-zero presets (VAE factor 4, 6.7M-parameter UNet).
+_SMALL_VAE = VAEPreset(channels=(16, 32, 64), latent_channels=4, norm_num_groups=8)
+_SMALL_TEXT = TextPreset(
+    hidden_size=128,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=256,
+    projection_dim=128,
+    vision_hidden_size=128,
+    vision_layers=2,
+)
+_SMALL_UNET = UNetPreset(
+    channels=(64, 128, 128), attention=(False, True, True), layers_per_block=1, attention_head_dim=8
+)
+
 PRESETS: dict[str, ModelPreset] = {
     p.name: p
     for p in (
@@ -107,49 +123,17 @@ PRESETS: dict[str, ModelPreset] = {
             name="shapes",
             resolution=64,
             description="64x64 model that the quick start trains from zero on a 2-core CPU",
-            vae=VAEPreset(channels=(16, 32, 64), latent_channels=4, norm_num_groups=8),
-            text=TextPreset(
-                hidden_size=128,
-                num_layers=2,
-                num_heads=4,
-                intermediate_size=256,
-                max_length=24,
-                projection_dim=128,
-                vision_hidden_size=128,
-                vision_layers=2,
-                vision_patch_size=8,
-            ),
-            unet=UNetPreset(
-                channels=(64, 128, 128),
-                attention=(False, True, True),
-                layers_per_block=1,
-                attention_head_dim=8,
-                norm_num_groups=32,
-            ),
+            vae=_SMALL_VAE,
+            text=dataclasses.replace(_SMALL_TEXT, max_length=24, vision_patch_size=8),
+            unet=_SMALL_UNET,
         ),
         ModelPreset(
             name="digits",
             resolution=32,
             description="32x32 model for the built-in MNIST digits, trained from zero on a CPU",
-            vae=VAEPreset(channels=(16, 32, 64), latent_channels=4, norm_num_groups=8),
-            text=TextPreset(
-                hidden_size=128,
-                num_layers=2,
-                num_heads=4,
-                intermediate_size=256,
-                max_length=16,
-                projection_dim=128,
-                vision_hidden_size=128,
-                vision_layers=2,
-                vision_patch_size=4,
-            ),
-            unet=UNetPreset(
-                channels=(64, 128, 128),
-                attention=(False, True, True),
-                layers_per_block=1,
-                attention_head_dim=8,
-                norm_num_groups=32,
-            ),
+            vae=_SMALL_VAE,
+            text=dataclasses.replace(_SMALL_TEXT, max_length=16, vision_patch_size=4),
+            unet=_SMALL_UNET,
         ),
         ModelPreset(
             name="sd15",

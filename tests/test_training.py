@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPModel, CLIPTextModel
 
 from ldm_pipeline import LatentDiffusionPipeline
@@ -71,4 +71,19 @@ def test_train_cli_reports_bad_config(tmp_path, capsys):
     cfg.write_text("unet:\n  stepz: 3\n")
     assert main(["train", str(cfg), "--output", str(tmp_path / "o")]) == 2
     assert "unet.stepz: unknown key (did you mean 'steps'?)" in capsys.readouterr().err
+    # Overrides after options are read as overrides, and checked the same way.
+    cfg.write_text("model: tiny\n")
+    assert main(["train", str(cfg), "--output", str(tmp_path / "o"), "vae.learning_rate=-1"]) == 2
+    assert "vae.learning_rate: must be positive, got -1.0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_unet_snapshots_every_n_minutes(tmp_path, monkeypatch):
+    # A clock that advances one minute per call makes every step a new training minute.
+    ticks = iter(range(0, 10_000, 60))
+    monkeypatch.setattr("training.loop.time.monotonic", lambda: next(ticks))
+    cfg = quickstart_config(smoke=True, overrides=["unet.snapshot_every_minutes=2", "stages=[vae, clip, unet]"])
+    train(cfg, tmp_path)
+    names = sorted(p.name for p in (tmp_path / "snapshots").iterdir())
+    assert names and all(int(n[5:8]) % 2 == 0 for n in names)
+    UNet2DConditionModel.from_pretrained(tmp_path / "snapshots" / names[0])

@@ -40,7 +40,9 @@ class VAEConfig:
     """Stage ``vae``: an AutoencoderKL trained with L1/L2 + KL (+ optional PatchGAN)."""
 
     pretrained: str | None = None
-    steps: int = 2000
+    # Steps are sized to the quick start's minutes on a 2-core AVX2 CPU, so that the LR schedule
+    # completes there; `max_minutes` is the hard stop.
+    steps: int = 1300
     batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 100
@@ -61,7 +63,7 @@ class ClipConfig:
     """Stage ``clip``: a small CLIPModel trained contrastively; its text tower conditions the UNet."""
 
     pretrained: str | None = None
-    steps: int = 400
+    steps: int = 150
     batch_size: int = 128
     learning_rate: float = 5e-4
     warmup_steps: int = 50
@@ -73,7 +75,7 @@ class UNetConfig:
     """Stage ``unet``: the conditional UNet on cached latents and text embeddings."""
 
     pretrained: str | None = None
-    steps: int = 4000
+    steps: int = 1300
     batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 200

@@ -32,7 +32,10 @@ def make_accelerator(mixed_precision: str, seed: int) -> Accelerator:
         mixed_precision = default_mixed_precision()
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("mixed_precision fp16 needs a GPU; use bf16 or no on the CPU")
-    accelerator = Accelerator(mixed_precision=mixed_precision)
+    # On a machine without an accelerator, cpu=True lets a multi-process launch (torchrun)
+    # use the gloo backend instead of looking for GPUs.
+    has_device = torch.cuda.is_available() or torch.backends.mps.is_available() or torch.xpu.is_available()
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not has_device)
     set_seed(seed)
     return accelerator
 

@@ -79,6 +79,16 @@ def train_unet(cfg: RunConfig, train: Pixels, out: Path, accelerator: Accelerato
             per_sample = per_sample * min_snr_weights(noise_scheduler, t, c.min_snr_gamma, c.prediction_type)
         return {"loss": per_sample.mean()}
 
+    def snapshot(minutes: float) -> None:
+        """Save the EMA weights as they stand, for adherence-against-minutes curves."""
+        if not c.snapshot_every_minutes or int(minutes) % c.snapshot_every_minutes or not accelerator.is_main_process:
+            return
+        model = accelerator.unwrap_model(unet)
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+        model.save_pretrained(out / "snapshots" / f"unet-{int(minutes):03d}min")
+        ema.restore(model.parameters())
+
     result = run_loop(
         accelerator,
         unet,
@@ -89,6 +99,7 @@ def train_unet(cfg: RunConfig, train: Pixels, out: Path, accelerator: Accelerato
         desc="unet",
         max_minutes=c.max_minutes,
         ema=ema,
+        on_minute=snapshot,
     )
     unet = accelerator.unwrap_model(unet)
     ema.copy_to(unet.parameters())

@@ -44,6 +44,19 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
+class Autoencode(nn.Module):
+    """encode → sample → decode as one ``forward``, so DDP sees the call and syncs gradients."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction and per-image KL to the unit Gaussian."""
+        posterior = self.vae.encode(x).latent_dist
+        return self.vae.decode(posterior.sample()).sample, posterior.kl()
+
+
 def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
     """VQGAN's λ = ‖∇ L_rec‖ / (‖∇ L_GAN‖ + 1e-4) at the decoder's last layer, clamped to [0, 1e4]."""
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
@@ -68,13 +81,18 @@ def new_vae(cfg: RunConfig) -> AutoencoderKL:
 
 
 @torch.no_grad()
-def measure_scaling_factor(vae: AutoencoderKL, pixels: Pixels, batch_size: int = 128) -> float:
-    """1 / std of posterior samples over the images, so that scaled latents have unit variance."""
+def measure_scaling_factor(vae: AutoencoderKL, pixels: Pixels, batch_size: int = 128, max_images: int = 4096) -> float:
+    """1 / std of posterior samples over (up to ``max_images`` of) the images.
+
+    Scaled by it, latents have unit variance, as the noise schedule assumes (Rombach et al.
+    2022, section 4.3.2).
+    """
     vae.eval()
     total, total_sq, count = 0.0, 0.0, 0
     generator = torch.Generator(device=vae.device).manual_seed(0)
-    for start in range(0, len(pixels), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(pixels)))
+    num = min(len(pixels), max_images)
+    for start in range(0, num, batch_size):
+        index = torch.arange(start, min(start + batch_size, num))
         z = vae.encode(pixels.float_batch(index).to(vae.device)).latent_dist.sample(generator).double()
         total, total_sq, count = total + z.sum().item(), total_sq + z.pow(2).sum().item(), count + z.numel()
     std = (total_sq / count - (total / count) ** 2) ** 0.5
@@ -90,7 +108,7 @@ def train_vae(cfg: RunConfig, train: Pixels, holdout: Pixels, out: Path, acceler
     else:
         vae = new_vae(cfg)
         optimizer = torch.optim.AdamW(vae.parameters(), lr=c.learning_rate, weight_decay=0.0)
-        vae, optimizer = accelerator.prepare(vae, optimizer)
+        autoencode, optimizer = accelerator.prepare(Autoencode(vae), optimizer)
         batches = index_batches(len(train), c.batch_size, cfg.seed, accelerator)
         use_gan = c.gan_start_step is not None
         disc = d_opt = None
@@ -99,22 +117,20 @@ def train_vae(cfg: RunConfig, train: Pixels, holdout: Pixels, out: Path, acceler
             d_opt = torch.optim.AdamW(disc.parameters(), lr=c.learning_rate, betas=(0.5, 0.9))
             disc, d_opt = accelerator.prepare(disc, d_opt)
         state: dict = {}
-        model = accelerator.unwrap_model(vae)
 
         crop_gen = torch.Generator().manual_seed(cfg.seed + 4)
 
         def compute_loss(step: int) -> dict[str, torch.Tensor]:
             x = _random_crop(train.float_batch(next(batches)), c.crop_size, crop_gen).to(accelerator.device)
-            posterior = vae.encode(x).latent_dist
-            rec = vae.decode(posterior.sample()).sample
+            rec, kl = autoencode(x)
             err = (rec.float() - x).abs() if c.loss == "l1" else (rec.float() - x).pow(2)
             rec_loss = err.mean()
-            kl = posterior.kl().mean() / x[0].numel()
+            kl = kl.float().mean() / x[0].numel()
             loss = rec_loss + c.kl_weight * kl
             terms = {"rec": rec_loss.detach(), "kl": kl.detach()}
             if use_gan and step >= c.gan_start_step:
                 g_loss = -disc(rec).float().mean()
-                weight = adaptive_gan_weight(rec_loss, g_loss, model.decoder.conv_out.weight)
+                weight = adaptive_gan_weight(rec_loss, g_loss, vae.decoder.conv_out.weight)
                 loss = loss + c.gan_weight * weight * g_loss
                 terms["g"] = g_loss.detach()
             state.update(x=x, rec=rec.detach())
@@ -142,7 +158,6 @@ def train_vae(cfg: RunConfig, train: Pixels, holdout: Pixels, out: Path, acceler
             max_minutes=c.max_minutes,
             after_step=discriminator_step if use_gan else None,
         )
-        vae = accelerator.unwrap_model(vae)
         metrics = {"steps": result.steps, "minutes": round(result.minutes, 2), "final_loss": result.final_loss}
         if accelerator.is_main_process:
             result.save(out / "logs" / "vae_losses.json")
