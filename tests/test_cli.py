@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -103,3 +104,15 @@ def test_console_script_reports_bad_value_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "--steps: must be a positive integer, got 0" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_eval_writes_report(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    argv = ["eval", "--model", str(tiny_dir), "--num-samples", "2", "--steps", "1", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["num_samples"] == 2 and 0 <= report["all_correct"] <= 1 and report["clip_score"] is None
+    assert f"wrote {out}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse rejects an unknown dataset before any work
+        main(["eval", "--model", str(tiny_dir), "--dataset", "faces", "--out", str(out)])
+    assert "invalid choice: 'faces'" in capsys.readouterr().err
