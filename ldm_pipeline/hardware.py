@@ -13,7 +13,7 @@ def cpu_has_fast_bf16() -> bool:
     """True when the CPU computes bf16 matmuls and convolutions natively (AMX or AVX-512 BF16).
 
     Without these instructions PyTorch falls back to slow reference kernels for bf16
-    convolutions (measured here on an AVX2-only CPU: a 3x3 conv ran 12x slower in bf16 than
+    convolutions (measured here on an AVX2-only CPU: a 3x3 conv ran 5-12x slower in bf16 than
     fp32), so bf16 must not be the default there.
     """
     try:
