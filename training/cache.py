@@ -22,11 +22,10 @@ from .config import DataConfig
 
 @dataclass
 class Pixels:
-    """Images as uint8 ``[N, 3, H, W]`` with their captions and label columns."""
+    """Images as uint8 ``[N, 3, H, W]`` with their captions."""
 
     images: torch.Tensor
     texts: list[str]
-    labels: dict[str, list]
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -43,15 +42,9 @@ def load_pixels(cfg: DataConfig) -> tuple[Pixels, Pixels]:
         raise ValueError(f"data.holdout ({cfg.holdout}) must be smaller than the dataset ({len(ds)} images)")
     arrays = np.stack([np.asarray(im.convert("RGB").resize((cfg.resolution,) * 2)) for im in ds["image"]])
     images = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
-    label_cols = [c for c in ds.column_names if c not in ("image", "text")]
     texts = list(ds["text"])
-    labels = {c: list(ds[c]) for c in label_cols}
     cut = len(ds) - cfg.holdout
-
-    def part(sl: slice) -> Pixels:
-        return Pixels(images[sl], texts[sl], {c: v[sl] for c, v in labels.items()})
-
-    return part(slice(0, cut)), part(slice(cut, None))
+    return Pixels(images[:cut], texts[:cut]), Pixels(images[cut:], texts[cut:])
 
 
 @torch.no_grad()

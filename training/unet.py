@@ -21,7 +21,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm_pipeline.loading import load_component
 from ldm_pipeline.pipeline import LatentDiffusionPipeline
-from ldm_pipeline.presets import SD_NOISE_SCHEDULE, build_scheduler, build_unet, get_preset
+from ldm_pipeline.presets import build_scheduler, build_unet, get_preset
 
 from .cache import Pixels, encode_latents, encode_texts
 from .config import RunConfig
@@ -52,7 +52,10 @@ def train_unet(cfg: RunConfig, train: Pixels, out: Path, accelerator: Accelerato
 
     unet = load_component(UNet2DConditionModel, c.pretrained, "unet") if c.pretrained else build_unet(preset)
     unet = unet.to(memory_format=torch.channels_last)
-    noise_scheduler = DDPMScheduler(**SD_NOISE_SCHEDULE, prediction_type=c.prediction_type)
+    # One noise schedule for training and sampling: the DDPM forward process is built from the
+    # config of the scheduler the saved pipeline will sample with.
+    sampler = build_scheduler(dataclasses.replace(preset, prediction_type=c.prediction_type))
+    noise_scheduler = DDPMScheduler.from_config(sampler.config)
     ema = EMAModel(unet.parameters(), decay=c.ema_decay)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=c.learning_rate, weight_decay=0.0)
     unet, optimizer = accelerator.prepare(unet, optimizer)
@@ -106,13 +109,12 @@ def train_unet(cfg: RunConfig, train: Pixels, out: Path, accelerator: Accelerato
     unet = unet.to(memory_format=torch.contiguous_format)
     metrics = {"steps": result.steps, "minutes": round(result.minutes, 2), "final_loss": result.final_loss}
     if accelerator.is_main_process:
-        scheduler_preset = dataclasses.replace(preset, prediction_type=c.prediction_type)
         pipe = LatentDiffusionPipeline(
             vae=vae.cpu(),
             text_encoder=text_encoder.cpu(),
             tokenizer=tokenizer,
             unet=unet.cpu(),
-            scheduler=build_scheduler(scheduler_preset),
+            scheduler=sampler,
         )
         pipe.save_pretrained(out / "pipeline")
         result.save(out / "logs" / "unet_losses.json")
