@@ -5,7 +5,8 @@ of the UNet every ``--snapshot-minutes`` of training, then scores with the geome
 
 - the final pipeline at its default steps and guidance on ``--num-samples`` prompts (the bar);
 - each snapshot on ``--curve-samples`` prompts (adherence against UNet training minutes);
-- real dataset images through the same analyser (the baseline: what a perfect model scores).
+- real dataset images through the same analyser (the baseline: what a perfect model scores),
+  and their VAE reconstructions (the ceiling the VAE leaves the UNet).
 
 Usage::
 
@@ -24,7 +25,8 @@ from diffusers import UNet2DConditionModel
 
 from ldm_pipeline import LatentDiffusionPipeline
 from ldm_pipeline.data import make_shapes
-from ldm_pipeline.evaluation import evaluate
+from ldm_pipeline.evaluation import evaluate, to_tensor
+from ldm_pipeline.evaluation.metrics import vae_reconstruct
 from ldm_pipeline.evaluation.shapes import adherence
 
 
@@ -52,12 +54,13 @@ def main() -> None:
         results["quickstart_wall_minutes"] = round((time.monotonic() - start) / 60, 2)
     results["train_report"] = json.loads((run / "train_report.json").read_text())
 
-    real = make_shapes(args.num_samples, seed=12_345)
-    labels = [{k: r[k] for k in ("shape", "color", "background")} for r in real.remove_columns("image")]
-    results["real_images"] = adherence(list(real["image"]), labels)
-
     pipe = LatentDiffusionPipeline.from_pretrained(run / "pipeline")
     pipe.set_progress_bar_config(disable=True)
+    real = make_shapes(args.num_samples, seed=12_345, resolution=pipe.default_size)
+    labels = [{k: r[k] for k in ("shape", "color", "background")} for r in real.remove_columns("image")]
+    results["real_images"] = adherence(list(real["image"]), labels)
+    reconstructions = vae_reconstruct(pipe.vae, to_tensor(list(real["image"])))
+    results["vae_reconstructions"] = adherence(pipe.image_processor.postprocess(reconstructions), labels)
     final, images = evaluate(pipe, "shapes", args.num_samples, seed=1, clip_dir=run / "clip")
     results["final"] = final
     for g in args.guidance:

@@ -3,7 +3,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from ldm_pipeline.data import load_builtin, make_shapes
 from ldm_pipeline.data.shapes import BACKGROUNDS, COLORS, SHAPES
@@ -27,16 +27,20 @@ def test_shapes_dataset_is_deterministic_and_labelled():
     assert row["shape"] in row["text"] and row["color"] in row["text"] and row["background"] in row["text"]
 
 
-def test_analyser_reads_real_images():
-    ds = make_shapes(400, seed=11)
+@pytest.mark.parametrize(("resolution", "blur"), [(32, 1.0), (64, 1.0)])
+def test_analyser_reads_real_images(resolution, blur):
+    ds = make_shapes(400, seed=11, resolution=resolution)
     labels = _labels(ds)
     assert adherence(list(ds["image"]), labels)["all_correct"] >= 0.99
     rng = np.random.default_rng(0)
+    noise = (resolution, resolution, 3)
     noisy = [
-        Image.fromarray(np.clip(np.asarray(im, np.float32) + rng.normal(0, 15, (64, 64, 3)), 0, 255).astype(np.uint8))
+        Image.fromarray(np.clip(np.asarray(im, np.float32) + rng.normal(0, 15, noise), 0, 255).astype(np.uint8))
         for im in ds["image"]
     ]
     assert adherence(noisy, labels)["all_correct"] >= 0.99
+    blurred = [im.filter(ImageFilter.GaussianBlur(blur)) for im in ds["image"]]
+    assert adherence(blurred, labels)["all_correct"] >= 0.97
     shuffled = labels[:]
     random.Random(0).shuffle(shuffled)
     assert adherence(list(ds["image"]), shuffled)["all_correct"] < 0.1

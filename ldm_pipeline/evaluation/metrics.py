@@ -14,16 +14,19 @@ def psnr(images: torch.Tensor, references: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def vae_reconstruction_psnr(vae, images: torch.Tensor, batch_size: int = 64) -> float:
-    """PSNR of the VAE's reconstructions (posterior mean, decoded) of images in [-1, 1]."""
+def vae_reconstruct(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """The VAE's reconstructions (posterior mean, decoded, clamped to [-1, 1]) of images in [-1, 1]."""
     vae.eval()
-    scores, counts = [], []
+    out = []
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size].to(vae.device, vae.dtype)
-        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
-        scores.append(psnr((rec.float().clamp(-1, 1) + 1) / 2, (x.float() + 1) / 2))
-        counts.append(len(x))
-    return sum(s * c for s, c in zip(scores, counts, strict=True)) / sum(counts)
+        out.append(vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def vae_reconstruction_psnr(vae, images: torch.Tensor, batch_size: int = 64) -> float:
+    """PSNR of the VAE's reconstructions of images in [-1, 1]."""
+    return psnr((vae_reconstruct(vae, images, batch_size) + 1) / 2, (images.float() + 1) / 2)
 
 
 # OpenAI CLIP's image normalisation (per-channel mean and std of its training images).

@@ -1,10 +1,17 @@
 """Prompt adherence for the shapes dataset, judged by geometry with no learned model.
 
 Background: the palette colour nearest the median border pixel. Foreground: pixels far from
-the background. Colour: the palette colour nearest the median foreground pixel (after a 3x3 majority
-filter on the foreground mask). Shape: the
-foreground's area over its bounding box's area (square ≈ 1, circle ≈ π/4 ≈ 0.785,
-triangle ≈ 0.5), with cut points half-way between.
+the background (after a 3x3 majority filter). Colour: the palette colour nearest the median
+foreground pixel. Shape, from each pixel's foreground coverage ``alpha`` in [0, 1] (its position
+between the background and foreground colours), so that anti-aliased or blurred edges count for
+what they cover:
+
+- triangle: the coverage's vertical skewness; the dataset's triangles point up, so it is about
+  -0.57 for a triangle and 0 for a circle or square (blur leaves the third cumulant unchanged);
+- otherwise square or circle by area over bounding-box area (square 1, circle π/4), the area being
+  the sum of ``alpha`` and the box's sides the largest row and column sums (blur keeps those).
+
+Cut points lie half-way between the shapes' values.
 """
 
 from __future__ import annotations
@@ -23,15 +30,23 @@ _FG = np.array([COLORS[n] for n in _FG_NAMES], dtype=np.float32)
 # Pixels this far (RGB distance) from the background colour count as foreground.
 _FOREGROUND_DISTANCE = 60.0
 _SQUARE_CUT = (1.0 + np.pi / 4) / 2
-_CIRCLE_CUT = (np.pi / 4 + 0.5) / 2
+# The vertical skewness of an upward triangle's area, whose density grows linearly downwards.
+_TRIANGLE_SKEW = -2 * np.sqrt(2) / 5
+_TRIANGLE_CUT = _TRIANGLE_SKEW / 2
 
 
-def _majority(mask: np.ndarray) -> np.ndarray:
-    """3x3 majority filter: drops isolated noisy pixels that would stretch the bounding box."""
+def _neighbours(mask: np.ndarray) -> np.ndarray:
+    """How many pixels of each 3x3 neighbourhood are set."""
     padded = np.pad(mask, 1).astype(np.int8)
     h, w = mask.shape
-    votes = sum(padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3))
-    return votes >= 5
+    return sum(padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3))
+
+
+def _coverage(rgb: np.ndarray, mask: np.ndarray, bg: np.ndarray, fg: np.ndarray) -> np.ndarray:
+    """Each pixel's share of foreground, 0 away from the mask and its one-pixel edge."""
+    direction = fg - bg
+    alpha = np.clip((rgb - bg) @ direction / max(float(direction @ direction), 1e-6), 0.0, 1.0)
+    return alpha * (_neighbours(mask) > 0)
 
 
 def analyse(image: Image.Image | np.ndarray) -> dict[str, str | None]:
@@ -40,15 +55,18 @@ def analyse(image: Image.Image | np.ndarray) -> dict[str, str | None]:
     border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
     bg_pixel = np.median(border, axis=0)
     background = _BG_NAMES[int(np.argmin(np.linalg.norm(_BG - bg_pixel, axis=1)))]
-    mask = _majority(np.linalg.norm(rgb - bg_pixel, axis=-1) > _FOREGROUND_DISTANCE)
-    if mask.sum() < 4:
+    # 3x3 majority filter: drops isolated noisy pixels that would stretch the bounding box.
+    mask = _neighbours(np.linalg.norm(rgb - bg_pixel, axis=-1) > _FOREGROUND_DISTANCE) >= 5
+    if mask.sum() < 2:
         return {"shape": None, "color": None, "background": background}
     fg_pixel = np.median(rgb[mask], axis=0)
     color = _FG_NAMES[int(np.argmin(np.linalg.norm(_FG - fg_pixel, axis=1)))]
-    rows, cols = np.nonzero(mask)
-    box_area = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
-    fill = mask.sum() / box_area
-    shape = "square" if fill >= _SQUARE_CUT else "circle" if fill >= _CIRCLE_CUT else "triangle"
+    alpha = _coverage(rgb, mask, bg_pixel, fg_pixel)
+    rows = alpha.sum(axis=1)
+    y = np.arange(len(rows)) - (np.arange(len(rows)) * rows).sum() / rows.sum()
+    skew = (y**3 * rows).sum() / rows.sum() / ((y**2 * rows).sum() / rows.sum()) ** 1.5
+    fill = alpha.sum() / (rows.max() * alpha.sum(axis=0).max())
+    shape = "triangle" if skew <= _TRIANGLE_CUT else "square" if fill >= _SQUARE_CUT else "circle"
     return {"shape": shape, "color": color, "background": background}
 
 
