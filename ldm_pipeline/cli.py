@@ -22,8 +22,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="pipeline folder or Hub id")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--steps", type=_positive_int, default=20)
-    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--steps", type=_positive_int, default=None, help="default: the pipeline's (20)")
+    p.add_argument("--guidance", type=float, default=None, help="default: the pipeline's (2.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=_positive_int, default=1)
     p.add_argument("--height", type=_positive_int, default=None, help="default: the model's size")
@@ -50,11 +50,11 @@ def _generate(args: argparse.Namespace) -> None:
     pipe = load_pipeline(args.model)
     if args.scheduler:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    defaults = {"num_inference_steps": args.steps, "guidance_scale": args.guidance}
     images = pipe(
         args.prompt,
         negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
+        **{k: v for k, v in defaults.items() if v is not None},
         num_images_per_prompt=args.num_images,
         height=args.height,
         width=args.width,
@@ -139,7 +139,9 @@ def _eval(args: argparse.Namespace) -> None:
     beside = Path(args.model).parent / "clip"
     if clip_dir is None and (beside / "config.json").is_file():
         clip_dir = beside
-    kwargs = {k: v for k, v in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance)) if v}
+    kwargs = {
+        k: v for k, v in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance)) if v is not None
+    }
     metrics, _ = evaluate(pipe, args.dataset, args.num_samples, args.seed, clip_dir, **kwargs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(metrics, indent=2))

@@ -41,11 +41,12 @@ def load_pipeline(model: str | os.PathLike, torch_dtype: torch.dtype | None = No
 def load_component(cls: type, source: str, subfolder: str, **kwargs):
     """Load one model (e.g. ``AutoencoderKL``) from a folder or Hub id with ``cls.from_pretrained``.
 
-    ``source`` may hold the model itself (``stabilityai/sd-vae-ft-mse``) or a whole pipeline, in
-    which case the model is read from its ``subfolder`` (``vae``, ``text_encoder``, ...).
+    ``source`` may hold the model itself (``stabilityai/sd-vae-ft-mse``) or a whole pipeline or
+    training-run folder, in which case the model is read from its ``subfolder`` (``vae``,
+    ``text_encoder``, ...).
     """
     if os.path.isdir(source):
-        inside = os.path.isfile(os.path.join(source, "model_index.json"))
+        inside = os.path.isdir(os.path.join(source, subfolder))
         return cls.from_pretrained(source, subfolder=subfolder if inside else None, **kwargs)
     try:
         return cls.from_pretrained(source, **kwargs)

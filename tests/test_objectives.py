@@ -2,7 +2,15 @@ import torch
 from diffusers import DDPMScheduler
 
 from ldm_pipeline.presets import SD_NOISE_SCHEDULE
-from training.objectives import min_snr_weights, prediction_target
+from training.objectives import (
+    denoising_loss,
+    min_snr_weights,
+    offset_noise,
+    perturbed_noise,
+    prediction_target,
+    sample_timesteps,
+    zero_terminal_snr_config,
+)
 
 
 def _sched(kind="epsilon"):
@@ -27,3 +35,48 @@ def test_min_snr_weights_by_hand():
     torch.testing.assert_close(eps, torch.stack([5 / snr[0], snr[1].clamp(max=5) / snr[1], torch.tensor(1.0)]))
     v = min_snr_weights(s, t, 5.0, "v_prediction")
     torch.testing.assert_close(v, snr.clamp(max=5) / (snr + 1))
+
+
+def test_sample_prediction_and_its_min_snr_weight():
+    s = _sched("sample")
+    x0, noise, t = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2), torch.tensor([10, 990])
+    assert torch.equal(prediction_target(s, x0, noise, t, "sample"), x0)
+    snr = s.alphas_cumprod[t] / (1 - s.alphas_cumprod[t])
+    torch.testing.assert_close(min_snr_weights(s, t, 5.0, "sample"), snr.clamp(max=5))
+
+
+def test_offset_noise_shifts_each_channel_by_one_draw():
+    noise = torch.zeros(2, 3, 4, 4)
+    out = offset_noise(noise, 0.1, torch.Generator().manual_seed(0))
+    shift = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, (0.1 * shift)[..., None, None].expand(2, 3, 4, 4))
+    assert offset_noise(noise, 0.0) is noise
+
+
+def test_input_perturbation_adds_scaled_fresh_noise():
+    noise = torch.ones(2, 3, 4, 4)
+    out = perturbed_noise(noise, 0.1, torch.Generator().manual_seed(1))
+    xi = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, 1 + 0.1 * xi)
+
+
+def test_zero_terminal_snr_rescales_sqrt_alpha_bar_by_hand():
+    base, zero = (
+        _sched("v_prediction"),
+        DDPMScheduler(**SD_NOISE_SCHEDULE, prediction_type="v_prediction", **zero_terminal_snr_config()),
+    )
+    a = base.alphas_cumprod.sqrt().double()
+    # Lin et al. 2024, algorithm 1: shift so the last is 0, scale so the first is unchanged.
+    expected = (a - a[-1]) * a[0] / (a[0] - a[-1])
+    torch.testing.assert_close(zero.alphas_cumprod.sqrt().double(), expected, atol=1e-6, rtol=1e-5)
+    assert zero.alphas_cumprod[-1] == 0 and zero.config.timestep_spacing == "trailing"
+
+
+def test_timestep_range_and_huber_loss_by_hand():
+    t = sample_timesteps(1000, 200, 300, torch.Generator().manual_seed(0))
+    assert t.min() >= 200 and t.max() < 300 and len(t.unique()) > 50
+    pred, target = torch.tensor([[0.0, 0.05, 1.0]]), torch.zeros(1, 3)
+    # Huber with δ = 0.1: ½e² within δ, δ(|e| − ½δ) beyond.
+    expected = (0 + 0.5 * 0.05**2 + 0.1 * (1.0 - 0.05)) / 3
+    torch.testing.assert_close(denoising_loss(pred, target, "huber", 0.1), torch.tensor([expected]))
+    torch.testing.assert_close(denoising_loss(pred, target, "mse"), torch.tensor([(0.05**2 + 1) / 3]))

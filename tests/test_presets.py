@@ -38,12 +38,12 @@ def test_default_noise_schedule_and_sampler():
     torch.testing.assert_close(sched.betas, expected)
 
 
-def test_shapes_preset_works_at_64_pixels():
+def test_shapes_preset_works_at_32_pixels():
     p = get_preset("shapes")
     unet = build_unet(p)
-    assert p.resolution == 64 and unet.config.sample_size * 2 ** (len(p.vae.channels) - 1) == 64
-    out = unet(torch.randn(2, 4, 16, 16), 10, encoder_hidden_states=torch.randn(2, 24, 128)).sample
-    assert out.shape == (2, 4, 16, 16)
+    assert p.resolution == 32 and unet.config.sample_size * 2 ** (len(p.vae.channels) - 1) == 32
+    out = unet(torch.randn(2, 8, 8, 8), 10, encoder_hidden_states=torch.randn(2, 24, 128)).sample
+    assert out.shape == (2, 8, 8, 8)
 
 
 def test_sd15_preset_matches_stable_diffusion_sizes():

@@ -1,6 +1,7 @@
 """Each stage runs a few steps on tiny configs and writes outputs that load."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ from transformers import CLIPModel, CLIPTextModel
 
 from ldm_pipeline import LatentDiffusionPipeline
 from ldm_pipeline.cli import main
+from training.config import ConfigError, StageConfig
+from training.loop import make_accelerator, make_optimizer, run_loop
 from training.quickstart import quickstart_config
 from training.run import train
 
@@ -16,7 +19,14 @@ from training.run import train
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    report = train(quickstart_config(smoke=True, overrides=["vae.gan_start_step=1"]), out)
+    overrides = [
+        "vae.gan_start_step=1",
+        "unet.validation_every_steps=2",
+        "unet.gradient_accumulation_steps=2",
+        "unet.gradient_checkpointing=true",
+        "data.random_flip=true",
+    ]
+    report = train(quickstart_config(smoke=True, overrides=overrides), out)
     return out, report
 
 
@@ -37,6 +47,13 @@ def test_stages_write_loadable_outputs(run_dir):
     assert (out / "config.yaml").is_file()
     pipe.set_progress_bar_config(disable=True)
     assert pipe("a red circle", num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
+
+
+def test_run_logs_validation_grids_tensorboard_and_cache(run_dir):
+    out, _ = run_dir
+    assert [p.name for p in (out / "validation").iterdir()] == ["unet-step000002.png"]
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    assert sorted(p.name.split("-")[0] for p in (out / "cache").iterdir()) == ["latents", "texts"]
 
 
 def test_unet_stage_alone_reuses_run_folder_and_pretrained_vae(run_dir, tmp_path):
@@ -87,3 +104,98 @@ def test_unet_snapshots_every_n_minutes(tmp_path, monkeypatch):
     names = sorted(p.name for p in (tmp_path / "snapshots").iterdir())
     assert names and all(int(n[5:8]) % 2 == 0 for n in names)
     UNet2DConditionModel.from_pretrained(tmp_path / "snapshots" / names[0])
+
+
+@pytest.mark.parametrize(("steps", "expected"), [(None, range(55, 62)), (40, range(40, 41))])
+def test_loop_fits_its_schedule_to_max_minutes(monkeypatch, steps, expected):
+    # A clock that advances one second per call: about one second per step.
+    ticks = iter(range(100_000))
+    monkeypatch.setattr("training.loop.time.monotonic", lambda: next(ticks))
+    accelerator = make_accelerator("auto", seed=0)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    def loss(step):
+        return {"loss": model(torch.ones(1, 2)).pow(2).sum()}
+
+    cfg = StageConfig(steps=steps, warmup_steps=5, max_minutes=1)
+    result = run_loop(accelerator, model, optimizer, loss, cfg, desc="t", log_every=1)
+    assert result.steps in expected
+    # The warm-up + cosine schedule ran its whole course: the last step's learning rate is ~0.
+    assert result.losses[-1]["lr"] < 0.1 * 0.01
+
+
+def test_steps_null_needs_max_minutes():
+    with pytest.raises(ConfigError, match=r"unet.steps: null \(as many as fit\) needs unet.max_minutes"):
+        quickstart_config(overrides=["unet.steps=null", "unet.max_minutes=null"])
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    """Two micro-batches of 2 give the gradient of one batch of 4 (mean losses)."""
+    x, y = torch.randn(4, 3), torch.randn(4, 1)
+    grads = []
+    for accumulate, batch in ((1, 4), (2, 2)):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        accelerator = make_accelerator("auto", seed=0)
+        cfg = StageConfig(steps=1, warmup_steps=0, learning_rate=1e-3, gradient_accumulation_steps=accumulate)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        seen = []
+
+        def loss(step, model=model, batch=batch, seen=seen):
+            part = slice(len(seen) * batch, (len(seen) + 1) * batch)
+            seen.append(part)
+            return {"loss": (model(x[part]) - y[part]).pow(2).mean()}
+
+        before = [p.detach().clone() for p in model.parameters()]
+        cfg.max_grad_norm = 1e9
+        run_loop(accelerator, model, optimizer, loss, cfg, desc="t", ema=None)
+        grads.append([b - p.detach() for b, p in zip(before, model.parameters(), strict=True)])
+    for a, b in zip(*grads, strict=True):
+        # bf16 autocast (where the CPU has it) rounds each pass; a missing 1/accumulation would be 2x off.
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "constant_with_warmup", "polynomial"])
+def test_lr_schedules_warm_up_and_run_their_course(name):
+    model = torch.nn.Linear(2, 1)
+    cfg = StageConfig(steps=20, warmup_steps=4, learning_rate=0.5, lr_scheduler=name)
+    optimizer = make_optimizer(model.parameters(), cfg)
+    accelerator = make_accelerator("auto", seed=0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    result = run_loop(
+        accelerator, model, optimizer, lambda s: {"loss": model(torch.ones(1, 2)).sum() * 0}, cfg, desc="t", log_every=1
+    )
+    lrs = [e["lr"] for e in result.losses]
+    assert lrs[0] < lrs[3] <= 0.5  # warm-up
+    assert (lrs[-1] < 0.05) == (name != "constant_with_warmup")
+
+
+def test_fused_adamw_and_a_clear_error_without_bitsandbytes(monkeypatch):
+    model = torch.nn.Linear(2, 1)
+    assert make_optimizer(model.parameters(), StageConfig()).defaults["fused"] is True
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(ImportError, match="adamw8bit needs bitsandbytes"):
+        make_optimizer(model.parameters(), StageConfig(optimizer="adamw8bit"))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["unet.prediction_type=v_prediction", "unet.zero_terminal_snr=true", "unet.loss=huber"],
+        ["unet.prediction_type=sample", "unet.noise_offset=0.1", "unet.input_perturbation=0.1"],
+    ],
+)
+def test_unet_objectives_train_and_configure_the_sampler(tmp_path, run_dir, overrides):
+    base, _ = run_dir
+    cfg = quickstart_config(
+        smoke=True,
+        overrides=[f"vae.pretrained={base}", f"clip.pretrained={base}", "unet.timestep_range=[100, 900]"] + overrides,
+    )
+    report = train(cfg, tmp_path, stages=["unet"])
+    assert report["unet"]["steps"] == 3 and report["unet"]["final_loss"] == report["unet"]["final_loss"]  # not NaN
+    pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "pipeline")
+    assert pipe.scheduler.config.prediction_type == cfg.unet.prediction_type
+    assert pipe.scheduler.config.rescale_betas_zero_snr == cfg.unet.zero_terminal_snr

@@ -20,7 +20,7 @@ from ldm_pipeline.tokenizer import load_clip_tokenizer, token_ids
 
 from .cache import Pixels
 from .config import RunConfig
-from .loop import index_batches, run_loop
+from .loop import index_batches, make_optimizer, run_loop
 
 
 def text_tower(clip: CLIPModel) -> CLIPTextModel:
@@ -44,7 +44,7 @@ def train_clip(cfg: RunConfig, train: Pixels, out: Path, accelerator: Accelerato
         config.projection_dim = preset.text.projection_dim
         clip = CLIPModel(config)
         ids = token_ids(tokenizer, train.texts)
-        optimizer = torch.optim.AdamW(clip.parameters(), lr=c.learning_rate, weight_decay=0.1)
+        optimizer = make_optimizer(clip.parameters(), c)
         clip, optimizer = accelerator.prepare(clip, optimizer)
         batches = index_batches(len(train), c.batch_size, cfg.seed + 1, accelerator)
 
@@ -54,16 +54,7 @@ def train_clip(cfg: RunConfig, train: Pixels, out: Path, accelerator: Accelerato
             output = clip(input_ids=ids[index].to(accelerator.device), pixel_values=images, return_loss=True)
             return {"loss": output.loss}
 
-        result = run_loop(
-            accelerator,
-            clip,
-            optimizer,
-            compute_loss,
-            steps=c.steps,
-            warmup_steps=c.warmup_steps,
-            desc="clip",
-            max_minutes=c.max_minutes,
-        )
+        result = run_loop(accelerator, clip, optimizer, compute_loss, c, desc="clip")
         clip = accelerator.unwrap_model(clip)
         text_encoder = text_tower(clip)
         metrics = {"steps": result.steps, "minutes": round(result.minutes, 2), "final_loss": result.final_loss}

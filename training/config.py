@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ldm_pipeline.presets import PRESETS, get_preset
+from ldm_pipeline.presets import PRESETS, SD_NOISE_SCHEDULE, get_preset
 
 STAGES = ("vae", "clip", "unet")
 
@@ -30,24 +31,48 @@ class DataConfig:
 
     name: str = "shapes"
     num_samples: int | None = 20_000
-    resolution: int = 64
+    # None: the model preset's resolution.
+    resolution: int | None = None
     seed: int = 0
     holdout: int = 256
+    # Train the UNet on horizontally flipped images half the time (both latents are cached).
+    random_flip: bool = False
+    # Where latents and text embeddings are cached (keyed by fingerprints); None: <output>/cache.
+    cache_dir: str | None = None
+
+
+# diffusers.optimization.get_scheduler's names (piecewise_constant needs rules a config lacks).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
 @dataclass
-class VAEConfig:
-    """Stage ``vae``: an AutoencoderKL trained with L1/L2 + KL (+ optional PatchGAN)."""
+class StageConfig:
+    """What every stage has: where its model comes from and how the shared loop optimises it."""
 
+    # A Hub id or local folder to load instead of training (the VAE, CLIP or UNet stage's part).
     pretrained: str | None = None
-    # Steps are sized to the quick start's minutes on a 2-core AVX2 CPU, so that the LR schedule
-    # completes there; `max_minutes` is the hard stop.
-    steps: int = 1300
+    # With max_minutes set, the loop fits the LR schedule to the steps that fit in that time
+    # (at most ``steps``); ``steps: null`` then means as many as fit.
+    steps: int | None = 1300
     batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 100
-    # Train on random crops of this side (the VAE is convolutional): 4x fewer pixels per step at
-    # 32 of 64, where full images made the VAE the slowest stage. None trains on whole images.
+    lr_scheduler: str = "cosine"
+    # adamw: torch's AdamW with its fused kernel where the device has one; adamw8bit: bitsandbytes.
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    weight_decay: float = 0.0
+    # Micro-batches of batch_size per optimiser step.
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    max_minutes: float | None = None
+
+
+@dataclass
+class VAEConfig(StageConfig):
+    """Stage ``vae``: an AutoencoderKL trained with L1/L2 + KL (+ optional PatchGAN)."""
+
+    # Train on random crops of this side (the VAE is convolutional): fewer pixels per step at
+    # large resolutions. None trains on whole images.
     crop_size: int | None = 32
     loss: Literal["l1", "l2"] = "l1"
     kl_weight: float = 1e-6
@@ -55,37 +80,46 @@ class VAEConfig:
     logvar_init: float = -6.0
     gan_start_step: int | None = None
     gan_weight: float = 0.5
-    max_minutes: float | None = None
 
 
 @dataclass
-class ClipConfig:
+class ClipConfig(StageConfig):
     """Stage ``clip``: a small CLIPModel trained contrastively; its text tower conditions the UNet."""
 
-    pretrained: str | None = None
-    steps: int = 150
+    steps: int | None = 150
     batch_size: int = 128
     learning_rate: float = 5e-4
     warmup_steps: int = 50
-    max_minutes: float | None = None
+    weight_decay: float = 0.1
 
 
 @dataclass
-class UNetConfig:
-    """Stage ``unet``: the conditional UNet on cached latents and text embeddings."""
+class UNetConfig(StageConfig):
+    """Stage ``unet``: the conditional UNet on cached latents and text embeddings (training/objectives.py)."""
 
-    pretrained: str | None = None
-    steps: int = 1300
-    batch_size: int = 32
-    learning_rate: float = 1e-3
+    batch_size: int = 64
     warmup_steps: int = 200
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     min_snr_gamma: float | None = 5.0
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
+    # Zero terminal SNR (needs v_prediction); the saved sampler gets the same schedule.
+    zero_terminal_snr: bool = False
+    # Train on timesteps in [low, high) of the 1,000-step schedule.
+    timestep_range: list[int] = field(default_factory=lambda: [0, 1000])
+    loss: Literal["mse", "huber"] = "mse"
+    huber_delta: float = 0.1
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
+    gradient_checkpointing: bool = False
     # Save the EMA UNet every this many minutes of training (for adherence-vs-time curves).
     snapshot_every_minutes: int | None = None
-    max_minutes: float | None = None
+    # Every this many steps, sample these prompts (fixed seeds, EMA weights) into
+    # <output>/validation/ and the trackers.
+    validation_every_steps: int | None = None
+    validation_prompts: list[str] = field(
+        default_factory=lambda: ["a red circle on a white background", "a blue square on a black background"]
+    )
 
 
 @dataclass
@@ -97,6 +131,8 @@ class RunConfig:
     seed: int = 0
     # "auto": bf16 where the hardware runs it fast (see ldm_pipeline.hardware), else fp32.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # Loss curves and validation images to TensorBoard (<output>/logs) or wandb (if installed).
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
@@ -157,7 +193,7 @@ def _positive(cfg: Any, prefix: str, names: tuple[str, ...]) -> None:
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Check values that are impossible together or alone; return the config unchanged."""
+    """Check values that are impossible together or alone, fill in data.resolution; return the config."""
     if cfg.model not in PRESETS:
         raise ConfigError(f"model: unknown preset {cfg.model!r}; known: {sorted(PRESETS)}")
     for stage in cfg.stages:
@@ -165,6 +201,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"stages: unknown stage {stage!r}; stages are {list(STAGES)}")
     preset = get_preset(cfg.model)
     factor = 2 ** (len(preset.vae.channels) - 1)
+    if cfg.data.resolution is None:
+        cfg.data.resolution = preset.resolution
     if cfg.data.resolution <= 0 or cfg.data.resolution % factor:
         raise ConfigError(
             f"data.resolution: {cfg.data.resolution} is not a positive multiple of the VAE factor {factor} "
@@ -175,12 +213,31 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"data.holdout: must be >= 0, got {cfg.data.holdout}")
     for name in STAGES:
         stage = getattr(cfg, name)
-        _positive(stage, name, ("steps", "batch_size", "learning_rate", "max_minutes"))
+        _positive(stage, name, ("steps", "batch_size", "learning_rate", "max_minutes", "gradient_accumulation_steps"))
+        if stage.lr_scheduler not in LR_SCHEDULERS:
+            raise ConfigError(f"{name}.lr_scheduler: must be one of {list(LR_SCHEDULERS)}, got {stage.lr_scheduler!r}")
+        if stage.weight_decay < 0:
+            raise ConfigError(f"{name}.weight_decay: must be >= 0, got {stage.weight_decay}")
+        _positive(stage, name, ("max_grad_norm",))
         if stage.warmup_steps < 0:
             raise ConfigError(f"{name}.warmup_steps: must be >= 0, got {stage.warmup_steps}")
-    _positive(cfg.unet, "unet", ("min_snr_gamma", "snapshot_every_minutes"))
+        if stage.steps is None and stage.max_minutes is None:
+            raise ConfigError(f"{name}.steps: null (as many as fit) needs {name}.max_minutes")
+    _positive(cfg.unet, "unet", ("min_snr_gamma", "snapshot_every_minutes", "validation_every_steps"))
     if not 0 <= cfg.unet.caption_dropout < 1:
         raise ConfigError(f"unet.caption_dropout: must be in [0, 1), got {cfg.unet.caption_dropout}")
+    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
+        raise ConfigError(f"report_to: {cfg.report_to} is not installed; pip install {cfg.report_to} or use 'none'")
+    u = cfg.unet
+    if u.zero_terminal_snr and u.prediction_type != "v_prediction":
+        raise ConfigError("unet.zero_terminal_snr: needs unet.prediction_type v_prediction (ε is unlearnable at SNR 0)")
+    timesteps = SD_NOISE_SCHEDULE["num_train_timesteps"]
+    if len(u.timestep_range) != 2 or not 0 <= u.timestep_range[0] < u.timestep_range[1] <= timesteps:
+        raise ConfigError(f"unet.timestep_range: must be [low, high] with 0 <= low < high <= {timesteps}")
+    _positive(u, "unet", ("huber_delta",))
+    for key in ("noise_offset", "input_perturbation"):
+        if getattr(u, key) < 0:
+            raise ConfigError(f"unet.{key}: must be >= 0, got {getattr(u, key)}")
     if not 0 < cfg.unet.ema_decay < 1:
         raise ConfigError(f"unet.ema_decay: must be in (0, 1), got {cfg.unet.ema_decay}")
     if cfg.vae.crop_size is not None and (

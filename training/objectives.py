@@ -1,10 +1,21 @@
-"""Denoising objectives: what the UNet predicts, and how each timestep's loss is weighted."""
+"""Denoising objectives: what the UNet predicts, how its input is noised, how each loss is weighted.
+
+Each function is one published idea; tests/test_objectives.py checks each against a hand
+computation.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def _unknown(kind: str) -> ValueError:
+    return ValueError(f"unknown prediction type {kind!r}; use one of {PREDICTION_TYPES}")
 
 
 def prediction_target(
@@ -13,20 +24,24 @@ def prediction_target(
     """The regression target for a prediction type.
 
     ``epsilon``: the added noise (Ho et al. 2020, DDPM, eq. 14). ``v_prediction``:
-    v = α_t ε − σ_t x_0 (Salimans & Ho 2022, progressive distillation, section 4).
+    v = α_t ε − σ_t x_0 (Salimans & Ho 2022, progressive distillation, section 4). ``sample``:
+    x_0 itself (DDPM's "predict x_0" variant, Ho et al. 2020, section 3.2).
     """
     if kind == "epsilon":
         return noise
     if kind == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"unknown prediction type {kind!r}; use 'epsilon' or 'v_prediction'")
+    if kind == "sample":
+        return latents
+    raise _unknown(kind)
 
 
 def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float, kind: str) -> torch.Tensor:
     """Min-SNR-γ loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting").
 
     The weight on the x_0 loss is min(SNR, γ); expressed for the network's own target it is
-    min(SNR, γ) / SNR for ε-prediction and min(SNR, γ) / (SNR + 1) for v-prediction.
+    min(SNR, γ) / SNR for ε-prediction, min(SNR, γ) / (SNR + 1) for v-prediction and
+    min(SNR, γ) for x_0 (sample) prediction.
     """
     snr = compute_snr(scheduler, timesteps)
     clipped = snr.clamp(max=gamma)
@@ -34,4 +49,62 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: fl
         return clipped / snr
     if kind == "v_prediction":
         return clipped / (snr + 1)
-    raise ValueError(f"unknown prediction type {kind!r}; use 'epsilon' or 'v_prediction'")
+    if kind == "sample":
+        return clipped
+    raise _unknown(kind)
+
+
+def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Noise offset (Guttenberg 2023, "Diffusion with Offset Noise"): ε + s·δ, δ ~ N(0, 1) per channel.
+
+    A shared shift per image and channel lets the model learn to change an image's mean
+    brightness and colour, which i.i.d. noise at the schedule's last step barely touches.
+    """
+    if strength == 0:
+        return noise
+    shift = torch.randn(noise.shape[:2], generator=generator, device=noise.device, dtype=noise.dtype)
+    return noise + strength * shift[..., None, None]
+
+
+def perturbed_noise(noise: torch.Tensor, gamma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Input perturbation (Ning et al. 2023, "Input Perturbation Reduces Exposure Bias in Diffusion
+    Models", eq. 9): the UNet's input is noised with ε + γ·ξ, ξ ~ N(0, I), while the target stays ε,
+    so training sees inputs as slightly off as sampling produces."""
+    if gamma == 0:
+        return noise
+    return noise + gamma * torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
+
+
+def zero_terminal_snr_config() -> dict:
+    """Scheduler settings for a zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise
+    Schedules and Sample Steps are Flawed", sections 3.1-3.3).
+
+    Rescales the betas so that √ᾱ_T = 0 (the last step is pure noise, as at sampling's start)
+    and samples from the last timestep ("trailing" spacing). With it the model must predict v
+    (ε is unlearnable at SNR 0); the paper also rescales guidance (``guidance_rescale=0.7``).
+    Given to both the training and the saved sampling scheduler.
+    """
+    return {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+
+
+def sample_timesteps(n: int, low: int, high: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Training timesteps uniform in ``[low, high)``: a range narrower than the schedule's trains
+    a specialist (e.g. only the high-noise steps that decide composition)."""
+    return torch.randint(low, high, (n,), generator=generator)
+
+
+def denoising_loss(
+    pred: torch.Tensor, target: torch.Tensor, kind: str = "mse", huber_delta: float = 0.1
+) -> torch.Tensor:
+    """Per-sample loss, averaged over all but the batch dimension.
+
+    ``mse``: the squared error of DDPM. ``huber``: Huber's loss (Huber 1964), quadratic within
+    ``huber_delta`` and linear beyond, so rare large errors pull less on the weights.
+    """
+    if kind == "mse":
+        err = F.mse_loss(pred, target, reduction="none")
+    elif kind == "huber":
+        err = F.huber_loss(pred, target, reduction="none", delta=huber_delta)
+    else:
+        raise ValueError(f"unknown loss {kind!r}; use 'mse' or 'huber'")
+    return err.flatten(1).mean(1)

@@ -7,7 +7,9 @@ Layout of a run folder::
     clip/               the whole CLIPModel, kept as the evaluator
     text_encoder/ tokenizer/
     pipeline/           the complete LatentDiffusionPipeline folder
-    logs/               loss curves per stage
+    logs/               loss curves per stage (JSON) and the TensorBoard event files
+    cache/              cached latents and text embeddings (unless data.cache_dir is set)
+    validation/         validation grids (with unet.validation_every_steps)
     train_report.json   per-stage metrics
 """
 
@@ -34,7 +36,7 @@ def train(cfg: RunConfig, out: str | Path, stages: list[str] | None = None) -> d
     """
     out = Path(out)
     stages = stages or cfg.stages
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.seed)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.seed, cfg.report_to, out / "logs")
     if accelerator.is_main_process:
         (out / "logs").mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -51,4 +53,5 @@ def train(cfg: RunConfig, out: str | Path, stages: list[str] | None = None) -> d
             raise ValueError(f"unknown stage {stage!r}; stages are vae, clip, unet")
         if accelerator.is_main_process:
             (out / "train_report.json").write_text(json.dumps(report, indent=2))
+    accelerator.end_training()
     return report

@@ -22,7 +22,7 @@ from ldm_pipeline.presets import build_vae
 
 from .cache import Pixels
 from .config import RunConfig
-from .loop import index_batches, run_loop
+from .loop import index_batches, make_optimizer, run_loop
 
 
 class PatchDiscriminator(nn.Module):
@@ -107,14 +107,14 @@ def train_vae(cfg: RunConfig, train: Pixels, holdout: Pixels, out: Path, acceler
         metrics: dict = {"pretrained": c.pretrained}
     else:
         vae = new_vae(cfg)
-        optimizer = torch.optim.AdamW(vae.parameters(), lr=c.learning_rate, weight_decay=0.0)
+        optimizer = make_optimizer(vae.parameters(), c)
         autoencode, optimizer = accelerator.prepare(Autoencode(vae), optimizer)
         batches = index_batches(len(train), c.batch_size, cfg.seed, accelerator)
         use_gan = c.gan_start_step is not None
         disc = d_opt = None
         if use_gan:
             disc = PatchDiscriminator()
-            d_opt = torch.optim.AdamW(disc.parameters(), lr=c.learning_rate, betas=(0.5, 0.9))
+            d_opt = make_optimizer(disc.parameters(), c, betas=(0.5, 0.9))
             disc, d_opt = accelerator.prepare(disc, d_opt)
         state: dict = {}
 
@@ -149,13 +149,11 @@ def train_vae(cfg: RunConfig, train: Pixels, holdout: Pixels, out: Path, acceler
 
         result = run_loop(
             accelerator,
-            vae,
+            autoencode,
             optimizer,
             compute_loss,
-            steps=c.steps,
-            warmup_steps=c.warmup_steps,
+            c,
             desc="vae",
-            max_minutes=c.max_minutes,
             after_step=discriminator_step if use_gan else None,
         )
         metrics = {"steps": result.steps, "minutes": round(result.minutes, 2), "final_loss": result.final_loss}
