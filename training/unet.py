@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from pathlib import Path
 
 import torch
@@ -56,8 +57,10 @@ def train_unet(cfg: RunConfig, train: Pixels, out: Path, accelerator: Accelerato
     tokenizer = _part(out, "tokenizer", cfg.clip.pretrained, CLIPTokenizer, "clip")
 
     cache_dir = cfg.data.cache_dir or out / "cache"
+    cache_start = time.monotonic()
     latents = cached_latents(vae, train, cache_dir, flip=cfg.data.random_flip)
     embeds, text_index = cached_texts(text_encoder, tokenizer, train.texts, cache_dir)
+    cache_minutes = (time.monotonic() - cache_start) / 60
     scale = vae.config.scaling_factor
 
     unet = load_component(UNet2DConditionModel, c.pretrained, "unet") if c.pretrained else build_unet(preset)
@@ -139,7 +142,12 @@ def train_unet(cfg: RunConfig, train: Pixels, out: Path, accelerator: Accelerato
     unet = accelerator.unwrap_model(unet)
     ema.copy_to(unet.parameters())
     unet = unet.to(memory_format=torch.contiguous_format)
-    metrics = {"steps": result.steps, "minutes": round(result.minutes, 2), "final_loss": result.final_loss}
+    metrics = {
+        "steps": result.steps,
+        "minutes": round(result.minutes, 2),
+        "cache_minutes": round(cache_minutes, 3),
+        "final_loss": result.final_loss,
+    }
     if accelerator.is_main_process:
         pipe = LatentDiffusionPipeline(
             vae=vae.cpu(),
