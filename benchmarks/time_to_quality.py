@@ -18,6 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
+from accelerate.state import AcceleratorState
 from diffusers import UNet2DConditionModel
 
 from ldm_pipeline import LatentDiffusionPipeline
@@ -61,6 +62,8 @@ def main() -> None:
                 *VARIANTS[name],
             ],
         )
+        # Accelerate keeps one process-wide state; variants differ in mixed precision.
+        AcceleratorState._reset_state(reset_partial_state=True)
         report = train(cfg, out)
         pipe = LatentDiffusionPipeline.from_pretrained(out / "pipeline")
         pipe.set_progress_bar_config(disable=True)

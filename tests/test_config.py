@@ -66,3 +66,10 @@ def test_shipped_configs_are_valid_and_match_the_quickstart():
     assert load_config(CONFIGS / "shapes.yaml") == quickstart_config()
     assert load_config(CONFIGS / "tiny.yaml") == quickstart_config(smoke=True)
     assert load_config(CONFIGS / "digits.yaml").data.name == "digits"
+
+
+def test_bare_no_in_yaml_means_the_string_no(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("mixed_precision: no\n")
+    assert load_config(path).mixed_precision == "no"
+    assert load_config(None, ["mixed_precision=no"]).mixed_precision == "no"

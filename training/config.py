@@ -153,6 +153,9 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(errors[0])
     if origin is Literal:
+        # YAML 1.1 reads a bare `no` as false: take it back as the string where that is an option.
+        if value is False and "no" in typing.get_args(hint):
+            value = "no"
         if value not in typing.get_args(hint):
             raise ConfigError(f"{key}: must be one of {list(typing.get_args(hint))}, got {value!r}")
         return value

@@ -58,8 +58,9 @@ def train_unet(cfg: RunConfig, train: Pixels, out: Path, accelerator: Accelerato
 
     cache_dir = cfg.data.cache_dir or out / "cache"
     cache_start = time.monotonic()
-    latents = cached_latents(vae, train, cache_dir, flip=cfg.data.random_flip)
-    embeds, text_index = cached_texts(text_encoder, tokenizer, train.texts, cache_dir)
+    with accelerator.main_process_first():  # the others then read what the main process wrote
+        latents = cached_latents(vae, train, cache_dir, flip=cfg.data.random_flip)
+        embeds, text_index = cached_texts(text_encoder, tokenizer, train.texts, cache_dir)
     cache_minutes = (time.monotonic() - cache_start) / 60
     scale = vae.config.scaling_factor
 
