@@ -67,14 +67,12 @@ def main() -> None:
         report = train(cfg, out)
         pipe = LatentDiffusionPipeline.from_pretrained(out / "pipeline")
         pipe.set_progress_bar_config(disable=True)
+        final, _ = evaluate(pipe, "shapes", args.num_samples, seed=1)
         curve = []
         for snap in sorted((out / "snapshots").glob("unet-*min")):
-            snap_pipe = LatentDiffusionPipeline.from_pretrained(out / "pipeline")
-            snap_pipe.unet = UNet2DConditionModel.from_pretrained(snap)
-            snap_pipe.set_progress_bar_config(disable=True)
-            metrics, _ = evaluate(snap_pipe, "shapes", args.num_samples, seed=1)
+            pipe.unet = UNet2DConditionModel.from_pretrained(snap)  # the rest of the pipeline is shared
+            metrics, _ = evaluate(pipe, "shapes", args.num_samples, seed=1)
             curve.append({"unet_minutes": int(snap.name[5:8]), "all_correct": metrics["all_correct"]})
-        final, _ = evaluate(pipe, "shapes", args.num_samples, seed=1)
         curve.append({"unet_minutes": args.minutes, "all_correct": final["all_correct"]})
         results[name] = {"overrides": VARIANTS[name], "unet": report["unet"], "curve": curve}
         print(

@@ -17,6 +17,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    """``--steps`` and ``--guidance`` as pipeline arguments, leaving out those not given."""
+    given = {"num_inference_steps": args.steps, "guidance_scale": args.guidance}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate images from a prompt with a saved pipeline")
     p.add_argument("--model", required=True, help="pipeline folder or Hub id")
@@ -50,11 +56,10 @@ def _generate(args: argparse.Namespace) -> None:
     pipe = load_pipeline(args.model)
     if args.scheduler:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
-    defaults = {"num_inference_steps": args.steps, "guidance_scale": args.guidance}
     images = pipe(
         args.prompt,
         negative_prompt=args.negative_prompt,
-        **{k: v for k, v in defaults.items() if v is not None},
+        **_sampling_kwargs(args),
         num_images_per_prompt=args.num_images,
         height=args.height,
         width=args.width,
@@ -139,10 +144,7 @@ def _eval(args: argparse.Namespace) -> None:
     beside = Path(args.model).parent / "clip"
     if clip_dir is None and (beside / "config.json").is_file():
         clip_dir = beside
-    kwargs = {
-        k: v for k, v in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance)) if v is not None
-    }
-    metrics, _ = evaluate(pipe, args.dataset, args.num_samples, args.seed, clip_dir, **kwargs)
+    metrics, _ = evaluate(pipe, args.dataset, args.num_samples, args.seed, clip_dir, **_sampling_kwargs(args))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))

@@ -216,17 +216,20 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"data.holdout: must be >= 0, got {cfg.data.holdout}")
     for name in STAGES:
         stage = getattr(cfg, name)
-        _positive(stage, name, ("steps", "batch_size", "learning_rate", "max_minutes", "gradient_accumulation_steps"))
+        _positive(
+            stage,
+            name,
+            ("steps", "batch_size", "learning_rate", "max_minutes", "gradient_accumulation_steps", "max_grad_norm"),
+        )
         if stage.lr_scheduler not in LR_SCHEDULERS:
             raise ConfigError(f"{name}.lr_scheduler: must be one of {list(LR_SCHEDULERS)}, got {stage.lr_scheduler!r}")
         if stage.weight_decay < 0:
             raise ConfigError(f"{name}.weight_decay: must be >= 0, got {stage.weight_decay}")
-        _positive(stage, name, ("max_grad_norm",))
         if stage.warmup_steps < 0:
             raise ConfigError(f"{name}.warmup_steps: must be >= 0, got {stage.warmup_steps}")
         if stage.steps is None and stage.max_minutes is None:
             raise ConfigError(f"{name}.steps: null (as many as fit) needs {name}.max_minutes")
-    _positive(cfg.unet, "unet", ("min_snr_gamma", "snapshot_every_minutes", "validation_every_steps"))
+    _positive(cfg.unet, "unet", ("min_snr_gamma", "snapshot_every_minutes", "validation_every_steps", "huber_delta"))
     if not 0 <= cfg.unet.caption_dropout < 1:
         raise ConfigError(f"unet.caption_dropout: must be in [0, 1), got {cfg.unet.caption_dropout}")
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
@@ -237,7 +240,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     timesteps = SD_NOISE_SCHEDULE["num_train_timesteps"]
     if len(u.timestep_range) != 2 or not 0 <= u.timestep_range[0] < u.timestep_range[1] <= timesteps:
         raise ConfigError(f"unet.timestep_range: must be [low, high] with 0 <= low < high <= {timesteps}")
-    _positive(u, "unet", ("huber_delta",))
     for key in ("noise_offset", "input_perturbation"):
         if getattr(u, key) < 0:
             raise ConfigError(f"unet.{key}: must be >= 0, got {getattr(u, key)}")

@@ -114,16 +114,17 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """The stage's optimiser: AdamW (fused kernel where the device has one, else foreach) or 8-bit AdamW."""
     params = [p for p in params if p.requires_grad]
+    hyper = {"lr": cfg.learning_rate, "betas": betas, "weight_decay": cfg.weight_decay}
     if cfg.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
         except ImportError as err:
             raise ImportError("optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from err
-        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.weight_decay)
+        return bnb.optim.AdamW8bit(params, **hyper)
     try:
-        return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.weight_decay, fused=True)
+        return torch.optim.AdamW(params, **hyper, fused=True)
     except RuntimeError:  # no fused kernel for this device or dtype
-        return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.weight_decay, foreach=True)
+        return torch.optim.AdamW(params, **hyper, foreach=True)
 
 
 def lr_factor(name: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
