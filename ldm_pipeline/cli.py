@@ -151,6 +151,48 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="inspect a training data source")
+    verbs = p.add_subparsers(dest="data_command", required=True)
+    c = verbs.add_parser("check", help="decode every image as training would: counts, sizes, captions, skips")
+    c.add_argument("source", help="folder, CSV/JSONL/Parquet file, save_to_disk folder or Hub dataset id")
+    c.add_argument("--caption-column", default=None, help="default: text, caption or prompt")
+    c.add_argument("--image-column", default=None, help="default: image, file_name, image_path, path or file")
+    c.add_argument("--split", default="train")
+    c.add_argument("--resolution", type=_positive_int, default=None, help="show the aspect buckets at this size")
+    c.add_argument("--bucket-step", type=_positive_int, default=64, help="bucket sides' multiple (SD: 64)")
+    c.add_argument("--max-aspect", type=float, default=2.0)
+    c.add_argument("--max-pixels", type=_positive_int, default=None, help="skip larger images (default 64M)")
+    c.add_argument("--json", type=Path, default=None, help="also write the whole report here")
+    c.set_defaults(func=_data_check)
+
+
+def _data_check(args: argparse.Namespace) -> None:
+    import json
+
+    from .data.check import check_source, format_report
+    from .tokenizer import load_clip_tokenizer
+
+    report = check_source(
+        args.source,
+        args.caption_column,
+        args.image_column,
+        args.split,
+        resolution=args.resolution,
+        bucket_step=args.bucket_step,
+        max_aspect=args.max_aspect,
+        **({"max_pixels": args.max_pixels} if args.max_pixels else {}),
+        tokenizer=load_clip_tokenizer(),
+    )
+    print(format_report(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    if not report["usable"]:
+        raise ValueError(f"{args.source}: no usable image")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``ldm`` argument parser with one sub-command per verb."""
     parser = argparse.ArgumentParser(prog="ldm", description="latent diffusion text-to-image")
@@ -159,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_quickstart(sub)
     _add_eval(sub)
+    _add_data(sub)
     return parser
 
 

@@ -52,3 +52,26 @@ def load_component(cls: type, source: str, subfolder: str, **kwargs):
         return cls.from_pretrained(source, **kwargs)
     except OSError:
         return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
+
+
+def load_component_config(cls: type, source: str, subfolder: str) -> dict:
+    """The config of the model `load_component` would load (``cls.load_config``), without weights.
+
+    Raises:
+        ModelLoadError: the folder or Hub id holds no such config.
+    """
+    try:
+        if os.path.isdir(source):
+            inside = os.path.isdir(os.path.join(source, subfolder))
+            return dict(cls.load_config(source, subfolder=subfolder if inside else None))
+        if not _HUB_ID.match(source) or source.startswith((".", "/", "~")):
+            raise ModelLoadError(f"model folder not found: {source}")
+        try:
+            return dict(cls.load_config(source))
+        except OSError:
+            return dict(cls.load_config(source, subfolder=subfolder))
+    except (OSError, ValueError) as err:
+        if isinstance(err, ModelLoadError):
+            raise
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"could not read the {subfolder} config from {source!r}: {first_line}") from err

@@ -6,7 +6,8 @@ import torch
 from ldm_pipeline.presets import build_text_encoder, build_vae
 from ldm_pipeline.tokenizer import load_clip_tokenizer
 from training import cache
-from training.cache import Pixels, cached_latents, cached_texts
+from training.cache import cached_latents, cached_texts
+from training.data import Pixels
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def test_latents_are_reused_and_any_change_recomputes(pixels, tmp_path, monkeypa
     with torch.no_grad():
         vae.decoder.conv_out.bias.add_(1.0)  # a weight change, even outside the encoder
     cached_latents(vae, pixels, tmp_path)
-    other = Pixels(pixels.images.flip(-2), pixels.texts)
+    other = Pixels(pixels.images.flip(-2), pixels.captions)
     cached_latents(vae, other, tmp_path)
     assert len(calls) == 2 and len(list(tmp_path.iterdir())) == 3
 
@@ -41,7 +42,7 @@ def test_flipped_latents_encode_the_mirrored_images(pixels, tmp_path):
     torch.manual_seed(0)
     vae = build_vae("tiny")
     latents = cached_latents(vae, pixels, tmp_path, flip=True)
-    mirrored = cached_latents(vae, Pixels(pixels.images.flip(-1), pixels.texts), tmp_path / "m")
+    mirrored = cached_latents(vae, Pixels(pixels.images.flip(-1), pixels.captions), tmp_path / "m")
     torch.testing.assert_close(latents["mean_flipped"], mirrored["mean"])
     assert not torch.allclose(latents["mean_flipped"], latents["mean"])
 

@@ -16,7 +16,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
         ({"unet": {"steps": "many"}}, "unet.steps: must be int, got str"),
         ({"unet": {"steps": 2.5}}, "unet.steps: must be int, got float"),
         ({"vae": {"learning_rate": -1e-4}}, "vae.learning_rate: must be positive"),
-        ({"data": {"resolution": 66}}, "data.resolution: 66 is not a positive multiple of the VAE factor 4"),
+        ({"data": {"resolution": 66}}, "data.resolution: 66 is not a positive multiple of 16 \\(VAE factor 4"),
         (
             {"unet": {"prediction_type": "x0"}},
             r"unet.prediction_type: must be one of \['epsilon', 'v_prediction', 'sample'\]",

@@ -1,4 +1,4 @@
-"""Pixels decoded once per run; latents and text embeddings computed once and cached on disk.
+"""Latents and text embeddings computed once and cached on disk.
 
 The UNet stage never runs the VAE encoder or the text encoder in its loop: both are frozen,
 so their outputs are computed once and stored as safetensors, keyed by fingerprints of
@@ -15,46 +15,16 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ldm_pipeline.data import load_builtin
 from ldm_pipeline.tokenizer import token_ids
 
-from .config import DataConfig
-
-
-@dataclass
-class Pixels:
-    """Images as uint8 ``[N, 3, H, W]`` with their captions."""
-
-    images: torch.Tensor
-    texts: list[str]
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def float_batch(self, index: torch.Tensor) -> torch.Tensor:
-        """Images at ``index`` as float in [-1, 1]."""
-        return self.images[index].float() / 127.5 - 1.0
-
-
-def load_pixels(cfg: DataConfig) -> tuple[Pixels, Pixels]:
-    """The configured dataset decoded once, split into training and held-out parts."""
-    ds = load_builtin(cfg.name, num_samples=cfg.num_samples, seed=cfg.seed, resolution=cfg.resolution)
-    if cfg.holdout >= len(ds):
-        raise ValueError(f"data.holdout ({cfg.holdout}) must be smaller than the dataset ({len(ds)} images)")
-    arrays = np.stack([np.asarray(im.convert("RGB").resize((cfg.resolution,) * 2)) for im in ds["image"]])
-    images = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
-    texts = list(ds["text"])
-    cut = len(ds) - cfg.holdout
-    return Pixels(images[:cut], texts[:cut]), Pixels(images[cut:], texts[cut:])
+from .data import Pixels
 
 
 def content_hash(*parts: torch.Tensor | str | dict | list) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer
 
@@ -18,9 +19,9 @@ from ldm_pipeline.loading import load_component
 from ldm_pipeline.presets import get_preset, text_config, vision_config
 from ldm_pipeline.tokenizer import load_clip_tokenizer, token_ids
 
-from .cache import Pixels
 from .config import RunConfig
-from .loop import index_batches, make_optimizer, run_loop
+from .data import ImageSet
+from .loop import make_optimizer, run_loop
 
 
 def text_tower(clip: CLIPModel) -> CLIPTextModel:
@@ -30,7 +31,7 @@ def text_tower(clip: CLIPModel) -> CLIPTextModel:
     return text
 
 
-def train_clip(cfg: RunConfig, train: Pixels, out: Path, accelerator: Accelerator) -> dict:
+def train_clip(cfg: RunConfig, train: ImageSet, out: Path, accelerator: Accelerator) -> dict:
     """Train (or load, with ``clip.pretrained``) the text encoder; save it and the tokenizer."""
     c = cfg.clip
     preset = get_preset(cfg.model)
@@ -43,15 +44,20 @@ def train_clip(cfg: RunConfig, train: Pixels, out: Path, accelerator: Accelerato
         config = CLIPConfig(text_config=text_config(preset).to_dict(), vision_config=vision_config(preset).to_dict())
         config.projection_dim = preset.text.projection_dim
         clip = CLIPModel(config)
-        ids = token_ids(tokenizer, train.texts)
         optimizer = make_optimizer(clip.parameters(), c)
         clip, optimizer = accelerator.prepare(clip, optimizer)
-        batches = index_batches(len(train), c.batch_size, cfg.seed + 1, accelerator)
+        batches = train.batches(c.batch_size, cfg.seed + 1, accelerator)
+        caption_gen = torch.Generator().manual_seed(cfg.seed + 5)
+        side = config.vision_config.image_size
 
         def compute_loss(step: int) -> dict[str, torch.Tensor]:
-            index = next(batches)
-            images = clip_pixel_values(train.float_batch(index).to(accelerator.device))
-            output = clip(input_ids=ids[index].to(accelerator.device), pixel_values=images, return_loss=True)
+            pixels, index = next(batches)
+            images = pixels.float_batch(index).to(accelerator.device)
+            if images.shape[-2:] != (side, side):  # an aspect bucket: the vision tower is square
+                images = F.interpolate(images, size=(side, side), mode="bilinear", antialias=True)
+            ids = token_ids(tokenizer, pixels.pick_captions(index, caption_gen))
+            images = clip_pixel_values(images)
+            output = clip(input_ids=ids.to(accelerator.device), pixel_values=images, return_loss=True)
             return {"loss": output.loss}
 
         result = run_loop(accelerator, clip, optimizer, compute_loss, c, desc="clip")

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from diffusers import AutoencoderKL, UNet2DConditionModel
 
+from ldm_pipeline.loading import ModelLoadError, load_component_config
 from ldm_pipeline.presets import PRESETS, SD_NOISE_SCHEDULE, get_preset
 
 STAGES = ("vae", "clip", "unet")
@@ -29,14 +31,34 @@ class ConfigError(ValueError):
 class DataConfig:
     """Which images and captions to train on."""
 
-    name: str = "shapes"
+    # A built-in dataset (shapes, digits), used when ``source`` is not set.
+    name: Literal["shapes", "digits"] = "shapes"
+    # Your images: an imagefolder with metadata.jsonl/csv, a folder of images with .txt captions,
+    # a CSV/JSONL/Parquet of paths and captions, a save_to_disk folder or a Hub dataset id.
+    source: str | None = None
+    caption_column: str | None = None
+    image_column: str | None = None
+    split: str = "train"
+    # Built-in: images drawn; source: the first N rows (None: all).
     num_samples: int | None = 20_000
-    # None: the model preset's resolution.
+    # None: the model preset's (or the pretrained UNet's) resolution.
     resolution: int | None = None
     seed: int = 0
-    holdout: int = 256
+    # Images held out for the VAE's PSNR; None: 256 for built-in data, 0 for a source.
+    holdout: int | None = None
+    # Aspect-ratio buckets of about resolution² pixels (each batch from one bucket); off: square.
+    bucketing: bool = False
+    max_aspect: float = 2.0
+    # Crop to the bucket: center, or random (drawn once per image: the latent cache keeps it).
+    crop: Literal["center", "random"] = "center"
     # Train the UNet on horizontally flipped images half the time (both latents are cached).
     random_flip: bool = False
+    # RGB that transparent images are composited on.
+    background: list[int] = field(default_factory=lambda: [255, 255, 255])
+    # Unreadable images are skipped and reported; the run stops when more than this share is.
+    max_skipped_fraction: float = 0.1
+    # Images above this many pixels are skipped (decompression bombs).
+    max_image_pixels: int = 64_000_000
     # Where latents and text embeddings are cached (keyed by fingerprints); None: <output>/cache.
     cache_dir: str | None = None
 
@@ -94,6 +116,21 @@ class ClipConfig(StageConfig):
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2022, LoRA) through peft instead of training all weights."""
+
+    rank: int = 8
+    # None: equal to rank (scale 1).
+    alpha: float | None = None
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # Used with unet.train_text_encoder.
+    text_encoder_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
+    )
+    dropout: float = 0.0
+
+
+@dataclass
 class UNetConfig(StageConfig):
     """Stage ``unet``: the conditional UNet on cached latents and text embeddings (training/objectives.py)."""
 
@@ -112,6 +149,11 @@ class UNetConfig(StageConfig):
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     gradient_checkpointing: bool = False
+    # Also train the text encoder (its embeddings are then computed each step, not cached).
+    train_text_encoder: bool = False
+    # Train LoRA adapters (saved to <output>/lora, loadable by pipe.load_lora_weights) instead of
+    # all the UNet's (and text encoder's) weights.
+    lora: LoRAConfig | None = None
     # Save the EMA UNet every this many minutes of training (for adherence-vs-time curves).
     snapshot_every_minutes: int | None = None
     # Every this many steps, sample these prompts (fixed seeds, EMA weights) into
@@ -127,6 +169,9 @@ class RunConfig:
     """A whole run: the model preset, the data and each stage."""
 
     model: str = "shapes"
+    # A pipeline folder or Hub id to fine-tune (a Stable Diffusion 1.x folder, or one of ours):
+    # its VAE, text encoder, tokenizer, UNet and noise schedule, unless a stage names its own.
+    pretrained: str | None = None
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     seed: int = 0
     # "auto": bf16 where the hardware runs it fast (see ldm_pipeline.hardware), else fp32.
@@ -195,6 +240,37 @@ def _positive(cfg: Any, prefix: str, names: tuple[str, ...]) -> None:
             raise ConfigError(f"{prefix}.{name}: must be positive, got {value}")
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """How the models shrink an image: the VAE's factor, the UNet's down-sampling, native size."""
+
+    vae_factor: int
+    unet_factor: int
+    resolution: int
+
+    @property
+    def bucket_step(self) -> int:
+        """Image sides must be multiples of this for the latent to pass the UNet."""
+        return self.vae_factor * self.unet_factor
+
+
+def geometry(cfg: RunConfig) -> Geometry:
+    """The geometry of the run's models: the preset's, or read from pretrained parts' configs."""
+    preset = get_preset(cfg.model)
+    vae_blocks, unet_blocks = len(preset.vae.channels), len(preset.unet.channels)
+    resolution = preset.resolution
+    try:
+        if cfg.vae.pretrained:
+            vae_blocks = len(load_component_config(AutoencoderKL, cfg.vae.pretrained, "vae")["block_out_channels"])
+        if cfg.unet.pretrained:
+            unet = load_component_config(UNet2DConditionModel, cfg.unet.pretrained, "unet")
+            unet_blocks = len(unet["block_out_channels"])
+            resolution = unet["sample_size"] * 2 ** (vae_blocks - 1)
+    except ModelLoadError as err:
+        raise ConfigError(f"pretrained: {err}") from err
+    return Geometry(2 ** (vae_blocks - 1), 2 ** (unet_blocks - 1), resolution)
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Check values that are impossible together or alone, fill in data.resolution; return the config."""
     if cfg.model not in PRESETS:
@@ -202,18 +278,47 @@ def validate(cfg: RunConfig) -> RunConfig:
     for stage in cfg.stages:
         if stage not in STAGES:
             raise ConfigError(f"stages: unknown stage {stage!r}; stages are {list(STAGES)}")
-    preset = get_preset(cfg.model)
-    factor = 2 ** (len(preset.vae.channels) - 1)
+    if cfg.pretrained is not None:
+        for name in STAGES:
+            stage = getattr(cfg, name)
+            if stage.pretrained is None:
+                stage.pretrained = cfg.pretrained
+    shape = geometry(cfg)
+    factor = shape.vae_factor
     if cfg.data.resolution is None:
-        cfg.data.resolution = preset.resolution
-    if cfg.data.resolution <= 0 or cfg.data.resolution % factor:
+        cfg.data.resolution = shape.resolution
+    if cfg.data.resolution <= 0 or cfg.data.resolution % shape.bucket_step:
         raise ConfigError(
-            f"data.resolution: {cfg.data.resolution} is not a positive multiple of the VAE factor {factor} "
-            f"of preset {cfg.model!r}"
+            f"data.resolution: {cfg.data.resolution} is not a positive multiple of {shape.bucket_step} "
+            f"(VAE factor {shape.vae_factor} × UNet down-sampling {shape.unet_factor})"
         )
     _positive(cfg.data, "data", ("num_samples",))
-    if cfg.data.holdout < 0:
-        raise ConfigError(f"data.holdout: must be >= 0, got {cfg.data.holdout}")
+    d = cfg.data
+    if d.holdout is None:
+        d.holdout = 256 if d.source is None else 0
+    if d.holdout < 0:
+        raise ConfigError(f"data.holdout: must be >= 0, got {d.holdout}")
+    if d.max_aspect < 1:
+        raise ConfigError(f"data.max_aspect: must be >= 1, got {d.max_aspect}")
+    if not 0 <= d.max_skipped_fraction <= 1:
+        raise ConfigError(f"data.max_skipped_fraction: must be in [0, 1], got {d.max_skipped_fraction}")
+    if len(d.background) != 3 or not all(0 <= v <= 255 for v in d.background):
+        raise ConfigError(f"data.background: must be three values in 0..255, got {d.background}")
+    _positive(d, "data", ("max_image_pixels",))
+    if d.source is not None and not d.source.strip():
+        raise ConfigError("data.source: must not be empty")
+    if cfg.unet.lora is not None:
+        lora = cfg.unet.lora
+        _positive(lora, "unet.lora", ("rank", "alpha"))
+        if not 0 <= lora.dropout < 1:
+            raise ConfigError(f"unet.lora.dropout: must be in [0, 1), got {lora.dropout}")
+        if not lora.target_modules:
+            raise ConfigError("unet.lora.target_modules: must name at least one module")
+    if cfg.pretrained is not None:
+        for name in STAGES:
+            stage = getattr(cfg, name)
+            if stage.pretrained is None:
+                stage.pretrained = cfg.pretrained
     for name in STAGES:
         stage = getattr(cfg, name)
         _positive(

@@ -11,7 +11,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,24 +67,9 @@ def log_images(accelerator: Accelerator, tag: str, images: list, step: int) -> N
             tracker.log({tag: [wandb.Image(im) for im in images]}, step=step)
 
 
-def index_batches(num_items: int, batch_size: int, seed: int, accelerator: Accelerator) -> Iterator[torch.Tensor]:
-    """Endless batches of dataset indices: a fresh permutation each epoch, split across processes.
-
-    Each process draws ``batch_size`` indices per step from its own share of the permutation,
-    so a launch with N processes sees N × batch_size samples per optimiser step.
-    """
-    if num_items < batch_size * accelerator.num_processes:
-        raise ValueError(
-            f"the dataset has {num_items} items, fewer than one global batch "
-            f"({batch_size} × {accelerator.num_processes} processes)"
-        )
-    generator = torch.Generator().manual_seed(seed)
-    global_batch = batch_size * accelerator.num_processes
-    while True:
-        order = torch.randperm(num_items, generator=generator)
-        for start in range(0, num_items - global_batch + 1, global_batch):
-            chunk = order[start : start + global_batch]
-            yield chunk[accelerator.process_index * batch_size : (accelerator.process_index + 1) * batch_size]
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that train (LoRA: the adapters only), in a fixed order for the optimiser and EMA."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 @dataclass
@@ -184,7 +169,7 @@ def run_loop(
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.step(model.parameters())
+            ema.step(trainable(model))
         extra = after_step(step) if after_step is not None else {}
         step += 1
         if step == _PACE_FROM_STEP:

@@ -11,6 +11,8 @@ Layout of a run folder::
     cache/              cached latents and text embeddings (unless data.cache_dir is set)
     validation/         validation grids (with unet.validation_every_steps)
     train_report.json   per-stage metrics
+    skipped_images.jsonl  with data.source: each unusable image and why
+    lora/               with unet.lora: the adapters, for pipe.load_lora_weights(...)
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .cache import load_pixels
 from .clip import train_clip
-from .config import RunConfig, save_config
+from .config import RunConfig, geometry, save_config
+from .data import load_images
 from .loop import make_accelerator
 from .unet import train_unet
 from .vae import train_vae
@@ -40,7 +42,12 @@ def train(cfg: RunConfig, out: str | Path, stages: list[str] | None = None) -> d
     if accelerator.is_main_process:
         (out / "logs").mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-    train_pixels, holdout = load_pixels(cfg.data)
+    # Every batch fills from one bucket: a bucket smaller than the largest global batch of the
+    # stages that train here is folded into its neighbour.
+    batch = max(getattr(cfg, s).batch_size for s in stages) * accelerator.num_processes
+    train_pixels, holdout = load_images(
+        cfg.data, geometry(cfg).bucket_step, batch, out, main_process=accelerator.is_main_process
+    )
     report: dict = {"mixed_precision": accelerator.mixed_precision, "processes": accelerator.num_processes}
     for stage in stages:
         if stage == "vae":

@@ -5,12 +5,18 @@ training schedule (DDPM forward process), and regresses the UNet's output on the
 configured prediction type. Captions are dropped to "" with probability ``caption_dropout`` so
 that the one model also learns the unconditional score used by classifier-free guidance
 (Ho & Salimans 2022). The EMA weights make the saved pipeline.
+
+Fine-tuning: with ``unet.pretrained`` (or the run's ``pretrained``) the UNet and the noise
+schedule come from that model; ``unet.train_text_encoder`` trains the text encoder too (its
+embeddings are then computed each step); ``unet.lora`` trains peft LoRA adapters instead of
+the weights and saves them where ``pipe.load_lora_weights`` reads them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -18,16 +24,19 @@ import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
+from diffusers.utils import convert_state_dict_to_diffusers
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm_pipeline.images import image_grid
 from ldm_pipeline.loading import load_component
 from ldm_pipeline.pipeline import LatentDiffusionPipeline
 from ldm_pipeline.presets import build_scheduler, build_unet, get_preset
+from ldm_pipeline.tokenizer import token_ids
 
-from .cache import Pixels, cached_latents, cached_texts
-from .config import RunConfig
-from .loop import index_batches, log_images, make_optimizer, run_loop
+from .cache import cached_latents, cached_texts
+from .config import LoRAConfig, RunConfig
+from .data import ImageSet
+from .loop import log_images, make_optimizer, run_loop, trainable
 from .objectives import (
     denoising_loss,
     min_snr_weights,
@@ -36,6 +45,17 @@ from .objectives import (
     prediction_target,
     sample_timesteps,
     zero_terminal_snr_config,
+)
+
+# The scheduler config keys that define the forward process (the rest are solver settings).
+_SCHEDULE_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "timestep_spacing",
+    "rescale_betas_zero_snr",
 )
 
 
@@ -48,19 +68,89 @@ def _part(out: Path, name: str, pretrained: str | None, cls: type, stage: str):
     return cls.from_pretrained(out / name)
 
 
-def train_unet(cfg: RunConfig, train: Pixels, out: Path, accelerator: Accelerator) -> dict:
-    """Train the UNet and save a complete pipeline folder to ``out/pipeline``."""
+def pretrained_schedule(source: str | None) -> dict:
+    """The forward-process settings of a pretrained pipeline's scheduler ({} when it has none)."""
+    if not source:
+        return {}
+    if os.path.isdir(source):
+        folder = os.path.join(source, "scheduler")
+        if not os.path.isdir(folder):
+            return {}  # a bare UNet folder: the preset's schedule
+        config = DDPMScheduler.load_config(folder)
+    else:
+        try:
+            config = DDPMScheduler.load_config(source, subfolder="scheduler")
+        except OSError:
+            return {}
+    return {k: config[k] for k in _SCHEDULE_KEYS if config.get(k) is not None}
+
+
+def add_lora(model: torch.nn.Module, lora: LoRAConfig, target_modules: list[str]) -> None:
+    """Freeze ``model`` and give it trainable peft LoRA adapters (named "default") on ``target_modules``."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha or lora.rank,
+        lora_dropout=lora.dropout,
+        init_lora_weights="gaussian",
+        target_modules=target_modules,
+    )
+    model.requires_grad_(False)
+    # peft's own injection: transformers' add_adapter demands a newer peft than the registry has.
+    inject_adapter_in_model(config, model, adapter_name="default")
+    model.peft_config = {"default": config}
+
+
+def save_lora(folder: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
+    """The adapters in diffusers' LoRA format (``pytorch_lora_weights.safetensors`` + metadata),
+    as ``StableDiffusionPipeline.load_lora_weights(folder)`` reads them."""
+    from peft.utils import get_peft_model_state_dict
+
+    layers: dict = {
+        "unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
+    }
+    if text_encoder is not None:
+        layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
+        layers["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
+    LatentDiffusionPipeline.save_lora_weights(folder, safe_serialization=True, **layers)
+
+
+class Denoiser(torch.nn.Module):
+    """The trained modules as one (for Accelerate): the UNet, and the text encoder when trained."""
+
+    def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel | None):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+
+    def forward(self, zt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The UNet's output; ``cond`` is embeddings, or token ids when the text encoder trains."""
+        if self.text_encoder is not None:
+            cond = self.text_encoder(cond)[0]
+        return self.unet(zt, t, encoder_hidden_states=cond).sample
+
+
+def train_unet(cfg: RunConfig, train: ImageSet, out: Path, accelerator: Accelerator) -> dict:
+    """Train the UNet (or its LoRA) and save a pipeline folder to ``out/pipeline`` (``out/lora``)."""
     c = cfg.unet
     preset = get_preset(cfg.model)
     vae = _part(out, "vae", cfg.vae.pretrained, AutoencoderKL, "vae").to(accelerator.device)
     text_encoder = _part(out, "text_encoder", cfg.clip.pretrained, CLIPTextModel, "clip").to(accelerator.device)
     tokenizer = _part(out, "tokenizer", cfg.clip.pretrained, CLIPTokenizer, "clip")
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
 
     cache_dir = cfg.data.cache_dir or out / "cache"
     cache_start = time.monotonic()
+    captions = sorted({t for bucket in train.buckets for caps in bucket.captions for t in caps})
     with accelerator.main_process_first():  # the others then read what the main process wrote
-        latents = cached_latents(vae, train, cache_dir, flip=cfg.data.random_flip)
-        embeds, text_index = cached_texts(text_encoder, tokenizer, train.texts, cache_dir)
+        latents = [cached_latents(vae, bucket, cache_dir, flip=cfg.data.random_flip) for bucket in train.buckets]
+        if not c.train_text_encoder:
+            embeds, text_index = cached_texts(text_encoder, tokenizer, captions, cache_dir)
+            # "" (caption dropout) is always entry 0.
+            embedding_of = {"": 0, **dict(zip(captions, text_index.tolist(), strict=True))}
     cache_minutes = (time.monotonic() - cache_start) / 60
     scale = vae.config.scaling_factor
 
@@ -68,35 +158,56 @@ def train_unet(cfg: RunConfig, train: Pixels, out: Path, accelerator: Accelerato
     unet = unet.to(memory_format=torch.channels_last)
     if c.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if c.lora is not None:
+        add_lora(unet, c.lora, c.lora.target_modules)
+    trained_text_encoder = None
+    if c.train_text_encoder:
+        trained_text_encoder = text_encoder
+        if c.lora is not None:
+            add_lora(text_encoder, c.lora, c.lora.text_encoder_target_modules)
+        else:
+            text_encoder.requires_grad_(True)
     # One noise schedule for training and sampling: the DDPM forward process is built from the
-    # config of the scheduler the saved pipeline will sample with.
-    schedule = {**preset.scheduler, **(zero_terminal_snr_config() if c.zero_terminal_snr else {})}
+    # config of the scheduler the saved pipeline will sample with (a pretrained model's own).
+    schedule = {
+        **preset.scheduler,
+        **pretrained_schedule(c.pretrained),
+        **(zero_terminal_snr_config() if c.zero_terminal_snr else {}),
+    }
     sampler = build_scheduler(dataclasses.replace(preset, prediction_type=c.prediction_type, scheduler=schedule))
     noise_scheduler = DDPMScheduler.from_config(sampler.config)
-    ema = EMAModel(unet.parameters(), decay=c.ema_decay)
-    optimizer = make_optimizer(unet.parameters(), c)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    model = Denoiser(unet, trained_text_encoder)
+    ema = EMAModel(trainable(model), decay=c.ema_decay)
+    optimizer = make_optimizer(trainable(model), c)
+    model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
-    batches = index_batches(len(train), c.batch_size, cfg.seed + 2, accelerator)
+    batches = train.batches(c.batch_size, cfg.seed + 2, accelerator)
     generator = torch.Generator().manual_seed(cfg.seed + 3 + accelerator.process_index)
+    bucket_latents = {id(bucket): cache for bucket, cache in zip(train.buckets, latents, strict=True)}
 
     def compute_loss(step: int) -> dict[str, torch.Tensor]:
-        index = next(batches)
+        bucket, index = next(batches)
+        cache = bucket_latents[id(bucket)]
         n = len(index)
-        mean, std = latents["mean"][index], latents["std"][index]
+        mean, std = cache["mean"][index], cache["std"][index]
         if cfg.data.random_flip:
             flip = (torch.rand(n, generator=generator) < 0.5).view(-1, 1, 1, 1)
-            mean = torch.where(flip, latents["mean_flipped"][index], mean)
-            std = torch.where(flip, latents["std_flipped"][index], std)
+            mean = torch.where(flip, cache["mean_flipped"][index], mean)
+            std = torch.where(flip, cache["std_flipped"][index], std)
         z0 = (mean + std * torch.randn(mean.shape, generator=generator)) * scale
         noise = offset_noise(torch.randn(z0.shape, generator=generator), c.noise_offset, generator)
         t = sample_timesteps(n, *c.timestep_range, generator=generator)
         keep = torch.rand(n, generator=generator) >= c.caption_dropout
-        cond = embeds[torch.where(keep, text_index[index], 0)]
+        picked = bucket.pick_captions(index, generator)
+        texts = [text if k else "" for text, k in zip(picked, keep.tolist(), strict=True)]
+        if c.train_text_encoder:
+            cond = token_ids(tokenizer, texts)
+        else:
+            cond = embeds[torch.tensor([embedding_of[text] for text in texts])]
         noisy_input = perturbed_noise(noise, c.input_perturbation, generator)
         z0, noise, noisy_input, t, cond = (v.to(accelerator.device) for v in (z0, noise, noisy_input, t, cond))
         zt = noise_scheduler.add_noise(z0, noisy_input, t).contiguous(memory_format=torch.channels_last)
-        pred = unet(zt, t, encoder_hidden_states=cond).sample.float()
+        pred = model(zt, t, cond).float()
         target = prediction_target(noise_scheduler, z0, noise, t, c.prediction_type)
         per_sample = denoising_loss(pred, target, c.loss, c.huber_delta)
         if c.min_snr_gamma is not None:
@@ -105,59 +216,65 @@ def train_unet(cfg: RunConfig, train: Pixels, out: Path, accelerator: Accelerato
 
     @contextlib.contextmanager
     def ema_weights():
-        """The unwrapped UNet with the EMA weights in place for the duration."""
-        model = accelerator.unwrap_model(unet)
-        ema.store(model.parameters())
-        ema.copy_to(model.parameters())
+        """The unwrapped trained modules with the EMA weights in place for the duration."""
+        inner = accelerator.unwrap_model(model)
+        ema.store(trainable(inner))
+        ema.copy_to(trainable(inner))
         try:
-            yield model
+            yield inner
         finally:
-            ema.restore(model.parameters())
+            ema.restore(trainable(inner))
 
     def snapshot(minutes: float) -> None:
         """Save the EMA weights as they stand, for adherence-against-minutes curves."""
         if not c.snapshot_every_minutes or int(minutes) % c.snapshot_every_minutes or not accelerator.is_main_process:
             return
-        with ema_weights() as model:
-            model.save_pretrained(out / "snapshots" / f"unet-{int(minutes):03d}min")
+        with ema_weights() as inner:
+            inner.unet.save_pretrained(out / "snapshots" / f"unet-{int(minutes):03d}min")
 
     def validate(step: int) -> dict[str, float]:
         """Every ``validation_every_steps``: the validation prompts, seeds 0..n-1, into a grid."""
         if not c.validation_every_steps or (step + 1) % c.validation_every_steps or not accelerator.is_main_process:
             return {}
-        with ema_weights() as model, torch.no_grad():
-            pipe = LatentDiffusionPipeline(vae, text_encoder, tokenizer, model, sampler)
+        with ema_weights() as inner, torch.no_grad():
+            pipe = LatentDiffusionPipeline(vae, text_encoder, tokenizer, inner.unet, sampler)
             pipe.set_progress_bar_config(disable=True)
             seeds = [torch.Generator().manual_seed(i) for i in range(len(c.validation_prompts))]
             with accelerator.autocast():
                 images = pipe(list(c.validation_prompts), generator=seeds).images
-            model.train()
+            inner.train()
         (out / "validation").mkdir(exist_ok=True)
         image_grid(images, cols=min(4, len(images))).save(out / "validation" / f"unet-step{step + 1:06d}.png")
         log_images(accelerator, "validation", images, step + 1)
         return {}
 
     result = run_loop(
-        accelerator, unet, optimizer, compute_loss, c, desc="unet", ema=ema, after_step=validate, on_minute=snapshot
+        accelerator, model, optimizer, compute_loss, c, desc="unet", ema=ema, after_step=validate, on_minute=snapshot
     )
-    unet = accelerator.unwrap_model(unet)
-    ema.copy_to(unet.parameters())
-    unet = unet.to(memory_format=torch.contiguous_format)
+    inner = accelerator.unwrap_model(model)
+    ema.copy_to(trainable(inner))
+    unet = inner.unet.to(memory_format=torch.contiguous_format)
     metrics = {
         "steps": result.steps,
         "minutes": round(result.minutes, 2),
         "cache_minutes": round(cache_minutes, 3),
         "final_loss": result.final_loss,
+        "images": len(train),
+        "buckets": {f"{w}x{h}": len(b) for (h, w), b in zip(train.shapes, train.buckets, strict=True)},
     }
     if accelerator.is_main_process:
-        pipe = LatentDiffusionPipeline(
-            vae=vae.cpu(),
-            text_encoder=text_encoder.cpu(),
-            tokenizer=tokenizer,
-            unet=unet.cpu(),
-            scheduler=sampler,
-        )
-        pipe.save_pretrained(out / "pipeline")
+        if c.lora is not None:
+            save_lora(out / "lora", unet, trained_text_encoder)
+            metrics["lora"] = str(out / "lora")
+        else:
+            pipe = LatentDiffusionPipeline(
+                vae=vae.cpu(),
+                text_encoder=text_encoder.cpu(),
+                tokenizer=tokenizer,
+                unet=unet.cpu(),
+                scheduler=sampler,
+            )
+            pipe.save_pretrained(out / "pipeline")
         result.save(out / "logs" / "unet_losses.json")
     accelerator.wait_for_everyone()
     return metrics

@@ -20,9 +20,9 @@ from ldm_pipeline.evaluation.metrics import vae_reconstruction_psnr
 from ldm_pipeline.loading import load_component
 from ldm_pipeline.presets import build_vae
 
-from .cache import Pixels
 from .config import RunConfig
-from .loop import index_batches, make_optimizer, run_loop
+from .data import ImageSet
+from .loop import make_optimizer, run_loop
 
 
 class PatchDiscriminator(nn.Module):
@@ -65,11 +65,16 @@ def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_lay
 
 
 def _random_crop(x: torch.Tensor, size: int | None, generator: torch.Generator) -> torch.Tensor:
-    """One random ``size`` x ``size`` window per batch (the whole image when size is None)."""
-    if size is None or size >= x.shape[-1]:
+    """One random window of side ``size`` (at most the image's sides) per batch; None: whole."""
+    if size is None:
         return x
-    top, left = (int(v) for v in torch.randint(0, x.shape[-1] - size + 1, (2,), generator=generator))
-    return x[..., top : top + size, left : left + size]
+    height, width = min(size, x.shape[-2]), min(size, x.shape[-1])
+    spans = (x.shape[-2] - height + 1, x.shape[-1] - width + 1)
+    if spans[0] == spans[1]:
+        top, left = torch.randint(0, spans[0], (2,), generator=generator).tolist()
+    else:
+        top, left = (int(torch.randint(0, span, (1,), generator=generator)) for span in spans)
+    return x[..., top : top + height, left : left + width]
 
 
 def new_vae(cfg: RunConfig) -> AutoencoderKL:
@@ -81,7 +86,9 @@ def new_vae(cfg: RunConfig) -> AutoencoderKL:
 
 
 @torch.no_grad()
-def measure_scaling_factor(vae: AutoencoderKL, pixels: Pixels, batch_size: int = 128, max_images: int = 4096) -> float:
+def measure_scaling_factor(
+    vae: AutoencoderKL, images: ImageSet, batch_size: int = 128, max_images: int = 4096
+) -> float:
     """1 / std of posterior samples over (up to ``max_images`` of) the images.
 
     Scaled by it, latents have unit variance, as the noise schedule assumes (Rombach et al.
@@ -90,16 +97,19 @@ def measure_scaling_factor(vae: AutoencoderKL, pixels: Pixels, batch_size: int =
     vae.eval()
     total, total_sq, count = 0.0, 0.0, 0
     generator = torch.Generator(device=vae.device).manual_seed(0)
-    num = min(len(pixels), max_images)
-    for start in range(0, num, batch_size):
-        index = torch.arange(start, min(start + batch_size, num))
-        z = vae.encode(pixels.float_batch(index).to(vae.device)).latent_dist.sample(generator).double()
-        total, total_sq, count = total + z.sum().item(), total_sq + z.pow(2).sum().item(), count + z.numel()
+    seen = 0
+    for pixels in images.buckets:
+        num = min(len(pixels), max_images - seen)
+        for start in range(0, num, batch_size):
+            index = torch.arange(start, min(start + batch_size, num))
+            z = vae.encode(pixels.float_batch(index).to(vae.device)).latent_dist.sample(generator).double()
+            total, total_sq, count = total + z.sum().item(), total_sq + z.pow(2).sum().item(), count + z.numel()
+        seen += num
     std = (total_sq / count - (total / count) ** 2) ** 0.5
     return 1.0 / std
 
 
-def train_vae(cfg: RunConfig, train: Pixels, holdout: Pixels, out: Path, accelerator: Accelerator) -> dict:
+def train_vae(cfg: RunConfig, train: ImageSet, holdout: ImageSet, out: Path, accelerator: Accelerator) -> dict:
     """Train (or load, with ``vae.pretrained``) the VAE, save it to ``out/vae``, return metrics."""
     c = cfg.vae
     if c.pretrained:
@@ -109,7 +119,7 @@ def train_vae(cfg: RunConfig, train: Pixels, holdout: Pixels, out: Path, acceler
         vae = new_vae(cfg)
         optimizer = make_optimizer(vae.parameters(), c)
         autoencode, optimizer = accelerator.prepare(Autoencode(vae), optimizer)
-        batches = index_batches(len(train), c.batch_size, cfg.seed, accelerator)
+        batches = train.batches(c.batch_size, cfg.seed, accelerator)
         use_gan = c.gan_start_step is not None
         disc = d_opt = None
         if use_gan:
@@ -121,7 +131,8 @@ def train_vae(cfg: RunConfig, train: Pixels, holdout: Pixels, out: Path, acceler
         crop_gen = torch.Generator().manual_seed(cfg.seed + 4)
 
         def compute_loss(step: int) -> dict[str, torch.Tensor]:
-            x = _random_crop(train.float_batch(next(batches)), c.crop_size, crop_gen).to(accelerator.device)
+            pixels, index = next(batches)
+            x = _random_crop(pixels.float_batch(index), c.crop_size, crop_gen).to(accelerator.device)
             rec, kl = autoencode(x)
             err = (rec.float() - x).abs() if c.loss == "l1" else (rec.float() - x).pow(2)
             rec_loss = err.mean()
@@ -162,7 +173,9 @@ def train_vae(cfg: RunConfig, train: Pixels, holdout: Pixels, out: Path, acceler
         vae.register_to_config(scaling_factor=measure_scaling_factor(vae, train))
     vae.eval()
     if len(holdout):
-        metrics["psnr"] = round(vae_reconstruction_psnr(vae, holdout.float_batch(torch.arange(len(holdout)))), 3)
+        # Mean over the held-out images of each bucket, weighted by their counts.
+        psnr = sum(len(p) * vae_reconstruction_psnr(vae, p.float_batch(torch.arange(len(p)))) for p in holdout.buckets)
+        metrics["psnr"] = round(psnr / len(holdout), 3)
     metrics["scaling_factor"] = vae.config.scaling_factor
     if accelerator.is_main_process:
         vae.save_pretrained(out / "vae")

@@ -1,0 +1,118 @@
+"""Robust image decoding: any file a user's folder may hold becomes an RGB image or a skip reason.
+
+Pillow opens files lazily and raises late (truncated data shows only on ``load()``), warns
+instead of failing on huge images, and hands back whatever mode the file stores. Here every
+case is decided once: orientation from EXIF applied, CMYK / palette / alpha / 16-bit / float
+converted to 8-bit RGB (alpha composited on a background), and anything that cannot be used
+raises `SkippedImage` with a reason a person can act on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Images above this many pixels are refused before decoding (a decompression bomb, or a scan
+# far larger than any training resolution). Pillow's own limit is 89.5 Mpx.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+class SkippedImage(ValueError):
+    """An image that training skips; ``reason`` is a short phrase such as ``"zero-byte file"``."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _read(source: str | bytes | dict | os.PathLike) -> bytes:
+    """The file's bytes from a path, raw bytes, or a ``datasets`` Image cell ``{"bytes", "path"}``."""
+    if isinstance(source, dict):
+        source = source.get("bytes") or source.get("path")
+        if source is None:
+            raise SkippedImage("empty image cell")
+    if isinstance(source, bytes):
+        return source
+    try:
+        with open(source, "rb") as f:
+            return f.read()
+    except FileNotFoundError as err:
+        raise SkippedImage("file not found") from err
+    except OSError as err:
+        raise SkippedImage(f"unreadable file: {err.strerror or err}") from err
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit integer (``I;16*``, ``I``) and float (``F``) greyscale scaled to 8 bits."""
+    array = np.asarray(image)
+    if image.mode == "F":
+        finite = array[np.isfinite(array)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        # Float images are usually in [0, 1]; anything else is stretched to its own range.
+        if low >= 0.0 and high <= 1.0:
+            low, high = 0.0, 1.0
+        scaled = (np.nan_to_num(array, nan=low) - low) / max(high - low, 1e-12)
+        return Image.fromarray((scaled.clip(0, 1) * 255 + 0.5).astype(np.uint8), "L")
+    array = array.astype(np.int64)
+    # 16-bit data stored in a 32-bit mode ("I") still spans 0..65535.
+    top = 65535 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255
+    return Image.fromarray((array.clip(0, top) * 255 // top).astype(np.uint8), "L")
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """An opened image as 8-bit RGB: alpha composited on ``background``, other modes converted."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _to_8bit(image)
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    # CMYK, YCbCr, L, 1 and the rest: Pillow's conversion (CMYK through its naive transform).
+    return image.convert("RGB")
+
+
+def decode_image(
+    source: str | bytes | dict | os.PathLike,
+    background: tuple[int, int, int] = (255, 255, 255),
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Decode a file (path, bytes or ``datasets`` Image cell) into an 8-bit RGB image.
+
+    Raises:
+        SkippedImage: zero-byte, missing, non-image, truncated or corrupt files, and images over
+            ``max_pixels`` (decompression bombs), with the reason.
+    """
+    data = _read(source)
+    if not data:
+        raise SkippedImage("zero-byte file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise SkippedImage(f"{width}x{height} is over the {max_pixels:,}-pixel limit (decompression bomb?)")
+            image.load()
+    except SkippedImage:
+        raise
+    except UnidentifiedImageError as err:
+        raise SkippedImage("not an image file") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise SkippedImage(f"decompression bomb: {err}") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        # Pillow reports truncated or corrupt data as OSError ("image file is truncated"), and
+        # some plug-ins as SyntaxError or ValueError.
+        raise SkippedImage(f"truncated or corrupt image: {err}") from err
+    if width == 0 or height == 0:
+        raise SkippedImage("image has zero width or height")
+    # An unreadable EXIF block keeps the stored orientation rather than losing the image.
+    with contextlib.suppress(OSError, ValueError, SyntaxError):
+        image = ImageOps.exif_transpose(image)
+    return to_rgb(image, background)

@@ -1,0 +1,141 @@
+"""From a source's rows to training arrays: decode every image once, report what is skipped, bucket.
+
+`scan` decodes each row (`decode_image`) and records its size or why it is unusable;
+`prepare_images` then assigns buckets, folds buckets too small for one batch into their nearest
+neighbour, and resizes and crops each image to its bucket. Nothing is dropped without a line in
+the report: every skipped row is a `Skipped` with its path (or row number) and reason.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+from tqdm.auto import tqdm
+
+from .buckets import Bucket, fit_to_bucket, make_buckets, nearest_bucket
+from .decode import DEFAULT_MAX_PIXELS, SkippedImage, decode_image
+from .sources import captions_of, describe
+
+NO_CAPTION = "no caption (empty, no .txt file, or not listed in the metadata file)"
+
+
+@dataclass
+class Skipped:
+    """One row that training does not use, and why."""
+
+    item: str
+    reason: str
+
+
+@dataclass
+class Scan:
+    """What decoding every row found: sizes and captions of the usable rows, the skipped ones."""
+
+    rows: list[int] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    captions: list[list[str]] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    total: int = 0
+
+    def summary(self) -> str:
+        """One line: how many rows are usable and why the others are not."""
+        reasons = Counter(s.reason.split(":")[0] for s in self.skipped)
+        why = ", ".join(f"{n} {r}" for r, n in reasons.most_common())
+        return f"{len(self.rows)} of {self.total} images usable, {len(self.skipped)} skipped" + (
+            f" ({why})" if why else ""
+        )
+
+    def write_report(self, path: str | Path) -> None:
+        """Each skipped row as a JSON line ``{"item", "reason"}`` (an empty file when none)."""
+        lines = [json.dumps({"item": s.item, "reason": s.reason}) for s in self.skipped]
+        Path(path).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def scan(
+    ds: datasets.Dataset,
+    background: tuple[int, int, int] = (255, 255, 255),
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+) -> Scan:
+    """Decode every row of a `load_source` dataset; keep sizes of the usable ones."""
+    result = Scan(total=len(ds))
+    for row, item in enumerate(tqdm(ds, desc="decode images", disable=not progress, leave=False)):
+        name = describe(item["image"], row)
+        captions = captions_of(item["text"])
+        if not captions:
+            result.skipped.append(Skipped(name, NO_CAPTION))
+            continue
+        try:
+            image = decode_image(item["image"], background, max_pixels)
+        except SkippedImage as err:
+            result.skipped.append(Skipped(name, err.reason))
+            continue
+        result.rows.append(row)
+        result.sizes.append(image.size)
+        result.captions.append(captions)
+    return result
+
+
+def assign_buckets(sizes: list[tuple[int, int]], buckets: list[Bucket], min_count: int) -> list[Bucket]:
+    """Each image's bucket; a bucket with fewer than ``min_count`` images is folded into the
+    nearest (by aspect ratio) one that has enough, so that every batch fills from one bucket."""
+    chosen = [nearest_bucket(w, h, buckets) for w, h in sizes]
+    counts = Counter(chosen)
+    while len(counts) > 1 and min(counts.values()) < min_count:
+        smallest = min(counts, key=lambda b: (counts[b], b))
+        others = [b for b in counts if b != smallest]
+        target = nearest_bucket(*smallest, others)
+        chosen = [target if b == smallest else b for b in chosen]
+        counts = Counter(chosen)
+    return chosen
+
+
+@dataclass
+class Prepared:
+    """Training images grouped by bucket: uint8 ``[N, H, W, 3]`` arrays and their captions."""
+
+    groups: dict[Bucket, tuple[np.ndarray, list[list[str]]]]
+    scan: Scan
+
+
+def prepare_images(
+    ds: datasets.Dataset,
+    resolution: int,
+    step: int,
+    *,
+    bucketing: bool = False,
+    max_aspect: float = 2.0,
+    crop: str = "center",
+    min_bucket_size: int = 1,
+    seed: int = 0,
+    background: tuple[int, int, int] = (255, 255, 255),
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    scanned: Scan | None = None,
+) -> Prepared:
+    """Decode, bucket (or square-crop, without ``bucketing``), resize and crop every usable image.
+
+    Args:
+        scanned: the `scan` of ``ds`` (or of a part of its rows) when already made.
+        resolution: the square side; buckets have about its area.
+        step: bucket sides are multiples of it (the VAE factor times the UNet's down-sampling).
+        min_bucket_size: buckets smaller than this (one global batch) are folded into neighbours.
+        crop: "center" or "random" (random offsets drawn once per image from ``seed``).
+    """
+    found = scanned or scan(ds, background, max_pixels)
+    buckets = make_buckets(resolution, step, max_aspect) if bucketing else [(resolution, resolution)]
+    chosen = assign_buckets(found.sizes, buckets, min_bucket_size)
+    rng = random.Random(seed)
+    arrays: dict[Bucket, list[np.ndarray]] = {}
+    texts: dict[Bucket, list[list[str]]] = {}
+    for row, bucket, captions in zip(found.rows, chosen, found.captions, strict=True):
+        image = decode_image(ds[row]["image"], background, max_pixels)
+        arrays.setdefault(bucket, []).append(fit_to_bucket(image, bucket, crop, rng))
+        texts.setdefault(bucket, []).append(captions)
+    groups = {b: (np.stack(arrays[b]), texts[b]) for b in sorted(arrays)}
+    return Prepared(groups, found)

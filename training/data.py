@@ -1,0 +1,181 @@
+"""Training images decoded once per run, grouped by aspect-ratio bucket, with their captions.
+
+Built-in data (shapes, digits) is one square bucket. A user source (``data.source``) goes through
+`ldm_pipeline.data`: `load_source`, robust decoding with a skip report written to the run
+folder (``skipped_images.jsonl``), and buckets when ``data.bucketing`` is on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from ldm_pipeline.data import load_builtin
+from ldm_pipeline.data.prepare import Scan, prepare_images, scan
+from ldm_pipeline.data.sources import load_source
+
+from .config import DataConfig
+
+SKIP_REPORT = "skipped_images.jsonl"
+
+
+@dataclass
+class Pixels:
+    """Images of one shape as uint8 ``[N, 3, H, W]``, each with one or more captions."""
+
+    images: torch.Tensor
+    captions: list[list[str]]
+
+    def __post_init__(self) -> None:
+        self.captions = [[c] if isinstance(c, str) else list(c) for c in self.captions]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def float_batch(self, index: torch.Tensor) -> torch.Tensor:
+        """Images at ``index`` as float in [-1, 1]."""
+        return self.images[index].float() / 127.5 - 1.0
+
+    def pick_captions(self, index: torch.Tensor, generator: torch.Generator) -> list[str]:
+        """One caption per image at ``index``, drawn at random where an image has several."""
+        draws = torch.rand(len(index), generator=generator).tolist()
+        return [self.captions[i][int(u * len(self.captions[i]))] for i, u in zip(index.tolist(), draws, strict=True)]
+
+
+@dataclass
+class ImageSet:
+    """Training images as buckets of one shape each (built-in data: one bucket)."""
+
+    buckets: list[Pixels]
+    skipped: int = 0
+    summary: str = ""
+    stats: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self.buckets)
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        """Each bucket's (height, width)."""
+        return [tuple(b.images.shape[-2:]) for b in self.buckets]
+
+    def batches(self, batch_size: int, seed: int, accelerator: Accelerator) -> Iterator[tuple[Pixels, torch.Tensor]]:
+        """Endless (bucket, indices) batches; see `bucket_batches`."""
+        for bucket, index in bucket_batches([len(b) for b in self.buckets], batch_size, seed, accelerator):
+            yield self.buckets[bucket], index
+
+
+def bucket_batches(
+    sizes: list[int], batch_size: int, seed: int, accelerator: Accelerator
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Endless batches of (bucket, indices into it), each batch from one bucket.
+
+    Each epoch permutes every bucket, cuts it into global batches (``batch_size`` × processes;
+    the remainder waits for the next epoch's permutation) and visits them in random order. All
+    processes draw the same sequence and take their own share of each global batch, so a
+    launch with N processes sees N × batch_size samples per optimiser step.
+    """
+    global_batch = batch_size * accelerator.num_processes
+    if min(sizes) < global_batch:
+        raise ValueError(
+            f"a bucket has {min(sizes)} images, fewer than one global batch "
+            f"({batch_size} × {accelerator.num_processes} processes)"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    rank = accelerator.process_index
+    while True:
+        chunks = []
+        for bucket, n in enumerate(sizes):
+            order = torch.randperm(n, generator=generator)
+            chunks += [(bucket, order[s : s + global_batch]) for s in range(0, n - global_batch + 1, global_batch)]
+        visit = torch.randperm(len(chunks), generator=generator).tolist() if len(sizes) > 1 else range(len(chunks))
+        for k in visit:
+            bucket, chunk = chunks[k]
+            yield bucket, chunk[rank * batch_size : (rank + 1) * batch_size]
+
+
+def _builtin(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
+    ds = load_builtin(cfg.name, num_samples=cfg.num_samples, seed=cfg.seed, resolution=cfg.resolution)
+    if cfg.holdout >= len(ds):
+        raise ValueError(f"data.holdout ({cfg.holdout}) must be smaller than the dataset ({len(ds)} images)")
+    arrays = np.stack([np.asarray(im.convert("RGB").resize((cfg.resolution,) * 2)) for im in ds["image"]])
+    images = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
+    texts = list(ds["text"])
+    cut = len(ds) - cfg.holdout
+    train = ImageSet([Pixels(images[:cut], texts[:cut])], summary=f"{cut} images ({cfg.name})")
+    return train, ImageSet([Pixels(images[cut:], texts[cut:])] if cfg.holdout else [])
+
+
+def _group(prepared_groups: dict) -> list[Pixels]:
+    return [
+        Pixels(torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous(), captions)
+        for arrays, captions in prepared_groups.values()
+    ]
+
+
+def _subset(found: Scan, keep: slice) -> Scan:
+    return Scan(found.rows[keep], found.sizes[keep], found.captions[keep], [], len(found.rows[keep]))
+
+
+def load_images(
+    cfg: DataConfig, step: int, min_bucket_size: int, report_dir: Path | None = None, main_process: bool = True
+) -> tuple[ImageSet, ImageSet]:
+    """The configured data as training and held-out `ImageSet` s.
+
+    Args:
+        step: bucket sides are multiples of it (VAE factor × UNet down-sampling).
+        min_bucket_size: one global batch; smaller buckets are folded into their neighbours.
+        report_dir: where the skip report goes (the run folder).
+
+    Raises:
+        ValueError: no usable image, or more skipped than ``data.max_skipped_fraction`` (the
+            report is written first), or a holdout as large as the data.
+    """
+    if cfg.source is None:
+        return _builtin(cfg)
+    ds = load_source(cfg.source, cfg.caption_column, cfg.image_column, cfg.split)
+    if cfg.num_samples is not None and cfg.num_samples < len(ds):
+        ds = ds.select(range(cfg.num_samples))
+    background = tuple(cfg.background)
+    found = scan(ds, background, cfg.max_image_pixels, progress=main_process)
+    where = ""
+    if report_dir is not None and main_process:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        found.write_report(report_dir / SKIP_REPORT)
+        where = f"; skipped files and reasons in {report_dir / SKIP_REPORT}"
+    summary = f"data {cfg.source}: {found.summary()}{where}"
+    if main_process:
+        print(summary)
+    if not found.rows:
+        raise ValueError(f"data.source {cfg.source}: no usable image ({found.summary()}){where}")
+    share = len(found.skipped) / max(found.total, 1)
+    if share > cfg.max_skipped_fraction:
+        raise ValueError(
+            f"data.source {cfg.source}: {share:.1%} of the images were skipped, over data.max_skipped_fraction "
+            f"{cfg.max_skipped_fraction:.1%}{where}"
+        )
+    if cfg.holdout >= len(found.rows):
+        raise ValueError(f"data.holdout ({cfg.holdout}) must be smaller than the usable images ({len(found.rows)})")
+    cut = len(found.rows) - cfg.holdout
+    options = {
+        "bucketing": cfg.bucketing,
+        "max_aspect": cfg.max_aspect,
+        "crop": cfg.crop,
+        "seed": cfg.seed,
+        "background": background,
+        "max_pixels": cfg.max_image_pixels,
+    }
+    train = prepare_images(
+        ds, cfg.resolution, step, min_bucket_size=min_bucket_size, scanned=_subset(found, slice(0, cut)), **options
+    )
+    buckets = ", ".join(f"{w}x{h}: {len(t)}" for (w, h), (_, t) in train.groups.items())
+    train_set = ImageSet(_group(train.groups), len(found.skipped), summary, {"buckets": buckets})
+    if not cfg.holdout:
+        return train_set, ImageSet([])
+    held = prepare_images(ds, cfg.resolution, step, scanned=_subset(found, slice(cut, None)), **options)
+    return train_set, ImageSet(_group(held.groups))
