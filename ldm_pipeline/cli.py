@@ -81,6 +81,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", type=Path, help="YAML run config (see configs/)")
     p.add_argument("--output", type=Path, default=Path("runs/train"), help="run folder (default runs/train)")
     p.add_argument("--stage", action="append", choices=["vae", "clip", "unet"], help="run only this stage")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="latest|PATH",
+        help="continue the run in --output from its newest complete checkpoint, or from a checkpoint folder",
+    )
+    p.add_argument("--force-resume", action="store_true", help="resume even if the config changes the maths")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. unet.steps=500")
     p.set_defaults(func=_train)
 
@@ -90,7 +97,7 @@ def _train(args: argparse.Namespace) -> None:
     from training.run import train
 
     cfg = load_config(args.config, args.overrides)
-    report = train(cfg, args.output, args.stage)
+    report = train(cfg, args.output, args.stage, resume=args.resume, force_resume=args.force_resume)
     print(f"run folder: {args.output}")
     if (args.output / "pipeline").is_dir() and "unet" in report:
         print(f"pipeline: {args.output / 'pipeline'}")
@@ -217,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         args.func(args)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, ArithmeticError) as err:
         print(f"ldm {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

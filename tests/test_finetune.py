@@ -149,3 +149,14 @@ def test_finetune_from_a_stock_stable_diffusion_folder(user_folder, tmp_path):
     # Trained and saved on the pretrained model's own noise schedule, not the preset's.
     assert (tuned.scheduler.config.beta_start, tuned.scheduler.config.beta_end) == (0.001, 0.015)
     assert _images(tuned).shape == (1, 32, 32, 3)
+
+
+@pytest.mark.parametrize("name", ["finetune.yaml", "finetune-lora.yaml"])
+def test_example_finetune_configs_validate(name, tiny_dir, user_folder):
+    from pathlib import Path
+
+    from training.config import load_config
+
+    path = Path(__file__).parents[1] / "configs" / name
+    cfg = load_config(path, [f"pretrained={tiny_dir}", f"data.source={user_folder}"])
+    assert cfg.unet.pretrained == str(tiny_dir) and cfg.data.bucketing

@@ -19,9 +19,10 @@ from ldm_pipeline.loading import load_component
 from ldm_pipeline.presets import get_preset, text_config, vision_config
 from ldm_pipeline.tokenizer import load_clip_tokenizer, token_ids
 
+from .checkpoint import GeneratorState
 from .config import RunConfig
 from .data import ImageSet
-from .loop import make_optimizer, run_loop
+from .loop import make_optimizer, run_loop, stage_checkpoints
 
 
 def text_tower(clip: CLIPModel) -> CLIPTextModel:
@@ -31,7 +32,9 @@ def text_tower(clip: CLIPModel) -> CLIPTextModel:
     return text
 
 
-def train_clip(cfg: RunConfig, train: ImageSet, out: Path, accelerator: Accelerator) -> dict:
+def train_clip(
+    cfg: RunConfig, train: ImageSet, out: Path, accelerator: Accelerator, resume: Path | None = None
+) -> dict:
     """Train (or load, with ``clip.pretrained``) the text encoder; save it and the tokenizer."""
     c = cfg.clip
     preset = get_preset(cfg.model)
@@ -60,7 +63,9 @@ def train_clip(cfg: RunConfig, train: ImageSet, out: Path, accelerator: Accelera
             output = clip(input_ids=ids.to(accelerator.device), pixel_values=images, return_loss=True)
             return {"loss": output.loss}
 
-        result = run_loop(accelerator, clip, optimizer, compute_loss, c, desc="clip")
+        stateful = {"batches": batches, "caption_generator": GeneratorState(caption_gen)}
+        checkpoints = stage_checkpoints(out, "clip", c, stateful, resume)
+        result = run_loop(accelerator, clip, optimizer, compute_loss, c, desc="clip", checkpoints=checkpoints)
         clip = accelerator.unwrap_model(clip)
         text_encoder = text_tower(clip)
         metrics = {"steps": result.steps, "minutes": round(result.minutes, 2), "final_loss": result.final_loss}

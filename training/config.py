@@ -87,6 +87,12 @@ class StageConfig:
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     max_minutes: float | None = None
+    # Save the whole training state every this many steps (and at the end) to
+    # <output>/checkpoints/<stage>/, keeping the newest checkpoint_keep; None: only at the end.
+    checkpoint_every: int | None = 1000
+    checkpoint_keep: int = 2
+    # Steps with a non-finite loss or gradient are skipped; more than this many in a row stop the run.
+    max_nonfinite_steps: int = 5
 
 
 @dataclass
@@ -124,9 +130,7 @@ class LoRAConfig:
     alpha: float | None = None
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     # Used with unet.train_text_encoder.
-    text_encoder_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
-    )
+    text_encoder_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
     dropout: float = 0.0
 
 
@@ -324,12 +328,23 @@ def validate(cfg: RunConfig) -> RunConfig:
         _positive(
             stage,
             name,
-            ("steps", "batch_size", "learning_rate", "max_minutes", "gradient_accumulation_steps", "max_grad_norm"),
+            (
+                "steps",
+                "batch_size",
+                "learning_rate",
+                "max_minutes",
+                "gradient_accumulation_steps",
+                "max_grad_norm",
+                "checkpoint_every",
+                "checkpoint_keep",
+            ),
         )
         if stage.lr_scheduler not in LR_SCHEDULERS:
             raise ConfigError(f"{name}.lr_scheduler: must be one of {list(LR_SCHEDULERS)}, got {stage.lr_scheduler!r}")
         if stage.weight_decay < 0:
             raise ConfigError(f"{name}.weight_decay: must be >= 0, got {stage.weight_decay}")
+        if stage.max_nonfinite_steps < 0:
+            raise ConfigError(f"{name}.max_nonfinite_steps: must be >= 0, got {stage.max_nonfinite_steps}")
         if stage.warmup_steps < 0:
             raise ConfigError(f"{name}.warmup_steps: must be >= 0, got {stage.warmup_steps}")
         if stage.steps is None and stage.max_minutes is None:

@@ -64,10 +64,39 @@ class ImageSet:
         """Each bucket's (height, width)."""
         return [tuple(b.images.shape[-2:]) for b in self.buckets]
 
-    def batches(self, batch_size: int, seed: int, accelerator: Accelerator) -> Iterator[tuple[Pixels, torch.Tensor]]:
-        """Endless (bucket, indices) batches; see `bucket_batches`."""
-        for bucket, index in bucket_batches([len(b) for b in self.buckets], batch_size, seed, accelerator):
-            yield self.buckets[bucket], index
+    def batches(self, batch_size: int, seed: int, accelerator: Accelerator) -> BatchSampler:
+        """Endless (bucket's `Pixels`, indices) batches; see `bucket_batches`."""
+        return BatchSampler([len(b) for b in self.buckets], batch_size, seed, accelerator, self.buckets)
+
+
+class BatchSampler:
+    """`bucket_batches` with a position that checkpoints save and resumes restore (mid-epoch)."""
+
+    def __init__(self, sizes: list[int], batch_size: int, seed: int, accelerator: Accelerator, items: list):
+        self._args = (sizes, batch_size, seed, accelerator)
+        self._items = items
+        self._reset()
+
+    def _reset(self) -> None:
+        self._batches = bucket_batches(*self._args)
+        self.consumed = 0
+
+    def __iter__(self) -> BatchSampler:
+        return self
+
+    def __next__(self) -> tuple[Pixels, torch.Tensor]:
+        bucket, index = next(self._batches)
+        self.consumed += 1
+        return self._items[bucket], index
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replay the draws up to the saved position (index arithmetic only, no data)."""
+        self._reset()
+        for _ in range(state["consumed"]):
+            next(self)
 
 
 def bucket_batches(

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ldm_pipeline.hardware import default_mixed_precision
 
+from .checkpoint import CheckpointError, GeneratorState, load_checkpoint, save_checkpoint
 from .config import StageConfig
 
 
@@ -79,6 +81,8 @@ class LoopResult:
     steps: int
     minutes: float
     losses: list[dict[str, float]] = field(default_factory=list)
+    # Optimiser steps skipped for a non-finite loss or gradient.
+    skipped: int = 0
 
     @property
     def final_loss(self) -> float:
@@ -86,7 +90,8 @@ class LoopResult:
         return sum(tail) / len(tail) if tail else math.nan
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps({"steps": self.steps, "minutes": self.minutes, "losses": self.losses}))
+        record = {"steps": self.steps, "minutes": self.minutes, "skipped": self.skipped, "losses": self.losses}
+        path.write_text(json.dumps(record))
 
 
 # Steps run before the loop times itself to fit ``steps`` to ``max_minutes`` (the first few are slow).
@@ -119,6 +124,105 @@ def lr_factor(name: str, warmup_steps: int, total_steps: int) -> Callable[[int],
     return get_scheduler(name, probe, num_warmup_steps=warmup, num_training_steps=total_steps).lr_lambdas[0]
 
 
+@dataclass
+class Checkpoints:
+    """Where and how often a stage checkpoints, what besides the model it saves, where it resumes.
+
+    ``stateful`` maps names to objects with ``state_dict()`` / ``load_state_dict()`` (a second
+    optimiser, the batch sampler); `GeneratorState` entries are saved per process.
+    """
+
+    folder: Path
+    every: int | None
+    keep: int
+    stateful: dict[str, Any] = field(default_factory=dict)
+    resume: Path | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def stage_checkpoints(
+    out: Path, stage: str, cfg: StageConfig, stateful: dict[str, Any], resume: Path | None
+) -> Checkpoints:
+    """A stage's checkpoints under ``<out>/checkpoints/<stage>/``, as its config asks."""
+    return Checkpoints(
+        out / "checkpoints" / stage, cfg.checkpoint_every, cfg.checkpoint_keep, stateful, resume, {"stage": stage}
+    )
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many optimiser steps in a row had a non-finite loss or gradient."""
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained parameters and the buffers: what a checkpoint must restore (frozen weights
+    come back from where they were loaded)."""
+    state = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    state.update(dict(model.named_buffers()))
+    return state
+
+
+def _capture(accelerator, model, optimizer, lr_scheduler, ema, ckpt: Checkpoints, loop: dict) -> dict[str, Any] | None:
+    """The whole training state; per-process RNG states gathered from every process."""
+    per_rank = {"torch": torch.get_rng_state()}
+    per_rank.update({n: o.generator.get_state() for n, o in ckpt.stateful.items() if isinstance(o, GeneratorState)})
+    gathered = {n: accelerator.gather(t.unsqueeze(0).to(accelerator.device)).cpu() for n, t in per_rank.items()}
+    if not accelerator.is_main_process:
+        return None
+    schedule = {k: v for k, v in lr_scheduler.state_dict().items() if k != "lr_lambdas"}
+    state = {
+        "loop": loop,
+        "model": _trainable_state(accelerator.unwrap_model(model)),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": schedule,
+        "rng": gathered,
+        "stateful": {n: o.state_dict() for n, o in ckpt.stateful.items() if not isinstance(o, GeneratorState)},
+    }
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    if accelerator.scaler is not None:
+        state["scaler"] = accelerator.scaler.state_dict()
+    return state
+
+
+def _restore(accelerator, model, optimizer, lr_scheduler, ema, ckpt: Checkpoints) -> dict:
+    """Load ``ckpt.resume`` into the training objects; returns the loop's saved counters."""
+    _, state, _ = load_checkpoint(ckpt.resume)
+    inner = accelerator.unwrap_model(model)
+    expected = _trainable_state(inner)
+    missing = sorted(set(expected) - set(state["model"]))
+    unexpected = sorted(set(state["model"]) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {ckpt.resume} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    inner.load_state_dict(state["model"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    # Checkpoints store tensors contiguous; a channels-last parameter's moments must get its
+    # layout back, or fused kernels that walk raw storage would pair the wrong elements.
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            moments = optimizer.state.get(param, {})
+            for name, value in moments.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    moments[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+    lr_scheduler.load_state_dict({**state["lr_scheduler"], "lr_lambdas": [None]})
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+        ema.shadow_params = [
+            torch.empty_like(p, dtype=s.dtype).copy_(s)
+            for p, s in zip(trainable(inner), ema.shadow_params, strict=True)
+        ]
+    if accelerator.scaler is not None and "scaler" in state:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    for name, obj in ckpt.stateful.items():
+        if isinstance(obj, GeneratorState):
+            obj.generator.set_state(state["rng"][name][accelerator.process_index].clone())
+        else:
+            obj.load_state_dict(state["stateful"][name])
+    torch.set_rng_state(state["rng"]["torch"][accelerator.process_index].clone())
+    return state["loop"]
+
+
 def run_loop(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -130,6 +234,7 @@ def run_loop(
     ema: EMAModel | None = None,
     after_step: Callable[[int], dict[str, float]] | None = None,
     on_minute: Callable[[float], None] | None = None,
+    checkpoints: Checkpoints | None = None,
     log_every: int = 10,
 ) -> LoopResult:
     """Run ``cfg.steps`` optimiser steps with a progress bar, fitted to ``cfg.max_minutes`` when set.
@@ -143,6 +248,12 @@ def run_loop(
     the LR schedule runs its whole course in the time on any machine; it also stops at the limit.
     ``model`` and ``optimizer`` must already be passed through ``accelerator.prepare``.
     ``on_minute(elapsed_minutes)`` is called after the first step past each whole minute.
+
+    A step whose loss or gradient norm is not finite is skipped (no update, counted and logged);
+    more than ``cfg.max_nonfinite_steps`` in a row raise `NonFiniteError`. With ``checkpoints``,
+    the whole state is saved every ``checkpoints.every`` steps and at the end, and a run resumes
+    from ``checkpoints.resume`` exactly where that checkpoint left it (a resumed time-fitted run
+    keeps the step plan it had).
     """
     steps, max_minutes, accumulate = cfg.steps, cfg.max_minutes, cfg.gradient_accumulation_steps
     if steps is None and max_minutes is None:
@@ -150,12 +261,33 @@ def run_loop(
     limit = steps if steps is not None else sys.maxsize
     plan = {"steps": limit, "factor": lr_factor(cfg.lr_scheduler, cfg.warmup_steps, limit)}
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: plan["factor"](step))
-    bar = tqdm(total=steps, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    start = time.monotonic()
-    pace_start = start
     losses: list[dict[str, float]] = []
-    step = 0
-    minutes_reported = 0
+    step = skipped = skipped_in_a_row = 0
+    elapsed_before = 0.0
+    resumed = checkpoints is not None and checkpoints.resume is not None
+    if resumed:
+        loop = _restore(accelerator, model, optimizer, lr_scheduler, ema, checkpoints)
+        step, skipped, losses, elapsed_before = loop["step"], loop["skipped"], loop["losses"], loop["seconds"]
+        plan["steps"] = loop["plan_steps"]
+        plan["factor"] = lr_factor(cfg.lr_scheduler, cfg.warmup_steps, plan["steps"])
+    bar = tqdm(total=steps, initial=step, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    start = time.monotonic() - elapsed_before
+    pace_start = start
+    minutes_reported = int(elapsed_before / 60)
+
+    def save(at_step: int) -> None:
+        loop = {
+            "step": at_step,
+            "plan_steps": plan["steps"],
+            "skipped": skipped,
+            "losses": losses,
+            "seconds": time.monotonic() - start,
+        }
+        state = _capture(accelerator, model, optimizer, lr_scheduler, ema, checkpoints, loop)
+        if state is not None:
+            save_checkpoint(checkpoints.folder, at_step, state, checkpoints.keep, checkpoints.meta)
+        accelerator.wait_for_everyone()
+
     model.train()
     while step < plan["steps"]:
         for micro in range(accumulate):
@@ -164,11 +296,27 @@ def run_loop(
                 with accelerator.autocast():
                     terms = compute_loss(step)
                 accelerator.backward(terms["loss"] / accumulate)
-        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        # fp16's gradient scaler skips its own overflow steps; otherwise a non-finite loss or
+        # gradient would poison the weights, the optimiser moments and the EMA.
+        finite = bool(torch.isfinite(terms["loss"].detach())) and (
+            accelerator.scaler is not None or grad_norm is None or bool(torch.isfinite(grad_norm))
+        )
+        if finite:
+            optimizer.step()
+            lr_scheduler.step()
+            skipped_in_a_row = 0
+        else:
+            skipped += 1
+            skipped_in_a_row += 1
+            bar.write(f"{desc}: step {step + 1}: non-finite loss or gradient, update skipped ({skipped} so far)")
+            if skipped_in_a_row > cfg.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"{desc}: {skipped_in_a_row} steps in a row up to step {step + 1} had a non-finite loss or "
+                    f"gradient (limit max_nonfinite_steps={cfg.max_nonfinite_steps}); the last checkpoint is kept"
+                )
         optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
+        if ema is not None and finite:
             ema.step(trainable(model))
         extra = after_step(step) if after_step is not None else {}
         step += 1
@@ -177,6 +325,7 @@ def run_loop(
         if step % log_every == 0 or step == plan["steps"]:
             entry = {"step": step, **{k: float(v.detach()) for k, v in terms.items()}, **extra}
             entry["lr"] = lr_scheduler.get_last_lr()[0]
+            entry["skipped"] = skipped
             losses.append(entry)
             accelerator.log({f"{desc}/{k}": v for k, v in entry.items() if k != "step"}, step=step)
             bar.set_postfix(loss=f"{entry['loss']:.4f}", refresh=False)
@@ -184,7 +333,8 @@ def run_loop(
         now = time.monotonic()
         elapsed = (now - start) / 60
         new_minute = int(elapsed) > minutes_reported
-        if max_minutes is not None and (step == _FIT_AT_STEP or (new_minute and step > _FIT_AT_STEP)):
+        refit = not resumed and max_minutes is not None
+        if refit and (step == _FIT_AT_STEP or (new_minute and step > _FIT_AT_STEP)):
             seconds_per_step = (now - pace_start) / (step - _PACE_FROM_STEP)
             fits = step + int((max_minutes * 60 - (now - start)) / seconds_per_step)
             # Every process must plan the same number of steps: take the slowest one's.
@@ -198,5 +348,9 @@ def run_loop(
         if max_minutes is not None and elapsed > max_minutes:
             bar.write(f"{desc}: stopping at step {step} of {plan['steps']}: the {max_minutes} minute limit is reached")
             break
+        if checkpoints is not None and checkpoints.every and step % checkpoints.every == 0 and step < plan["steps"]:
+            save(step)
     bar.close()
-    return LoopResult(steps=step, minutes=(time.monotonic() - start) / 60, losses=losses)
+    if checkpoints is not None:
+        save(step)
+    return LoopResult(steps=step, minutes=(time.monotonic() - start) / 60, losses=losses, skipped=skipped)

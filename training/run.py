@@ -7,12 +7,13 @@ Layout of a run folder::
     clip/               the whole CLIPModel, kept as the evaluator
     text_encoder/ tokenizer/
     pipeline/           the complete LatentDiffusionPipeline folder
+    lora/               with unet.lora: the adapters, for pipe.load_lora_weights(...)
+    checkpoints/<stage>/step-NNNNNNNN/   the whole training state (safetensors + JSON)
     logs/               loss curves per stage (JSON) and the TensorBoard event files
     cache/              cached latents and text embeddings (unless data.cache_dir is set)
     validation/         validation grids (with unet.validation_every_steps)
-    train_report.json   per-stage metrics
     skipped_images.jsonl  with data.source: each unusable image and why
-    lora/               with unet.lora: the adapters, for pipe.load_lora_weights(...)
+    train_report.json   per-stage metrics; a stage listed here is finished
 """
 
 from __future__ import annotations
@@ -20,24 +21,101 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+from accelerate.utils import set_seed
+
+from .checkpoint import CheckpointError, latest_checkpoint
 from .clip import train_clip
-from .config import RunConfig, geometry, save_config
+from .config import STAGES, ConfigError, RunConfig, geometry, save_config, to_dict
 from .data import load_images
 from .loop import make_accelerator
 from .unet import train_unet
 from .vae import train_vae
 
+# Keys a resumed run may change: where it logs and caches, when it checkpoints, validates and
+# stops. Any other change alters the maths of the run being continued.
+RESUMABLE_CHANGES = (
+    "stages",
+    "report_to",
+    "data.cache_dir",
+    "max_minutes",
+    "checkpoint_every",
+    "checkpoint_keep",
+    "max_nonfinite_steps",
+    "validation_every_steps",
+    "validation_prompts",
+    "snapshot_every_minutes",
+)
 
-def train(cfg: RunConfig, out: str | Path, stages: list[str] | None = None) -> dict:
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        out.update(_flat(value, path + ".") if isinstance(value, dict) else {path: value})
+    return out
+
+
+def config_changes(saved: dict, cfg: RunConfig) -> list[str]:
+    """Keys whose values differ between a run's saved config and ``cfg``, other than `RESUMABLE_CHANGES`."""
+    old, new = _flat(saved), _flat(to_dict(cfg))
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if key in RESUMABLE_CHANGES or key.rsplit(".", 1)[-1] in RESUMABLE_CHANGES:
+            continue
+        if old.get(key) != new.get(key):
+            changed.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return changed
+
+
+def _resume_points(cfg: RunConfig, out: Path, stages: list[str], resume: str, force: bool) -> dict[str, Path | None]:
+    """Per stage to run: the checkpoint to resume from (None: start it afresh)."""
+    saved_path = out / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"resume: {out} holds no run (no config.yaml)")
+    changes = config_changes(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}, cfg)
+    if changes and not force:
+        raise ConfigError(
+            "resume: the config differs from the run's in what it computes: "
+            + "; ".join(changes[:8])
+            + ". Use the run's config, or pass --force-resume to continue with the new one"
+        )
+    if resume == "latest":
+        return {stage: latest_checkpoint(out / "checkpoints" / stage) for stage in stages}
+    path = Path(resume)
+    stage = path.parent.name
+    if stage not in STAGES or not path.is_dir():
+        raise CheckpointError(f"resume: {path} is not a checkpoint folder (<run>/checkpoints/<stage>/step-N)")
+    return {s: (path if s == stage else None) for s in stages}
+
+
+def train(
+    cfg: RunConfig,
+    out: str | Path,
+    stages: list[str] | None = None,
+    resume: str | None = None,
+    force_resume: bool = False,
+) -> dict:
     """Train the given stages (default: the config's) and return their metrics.
 
     Args:
         cfg: a validated run config.
         out: the run folder; stages read earlier stages' outputs from it.
         stages: a subset of ``cfg.stages`` to run now, e.g. ``["unet"]``.
+        resume: ``"latest"`` (each stage from its newest complete checkpoint; stages already
+            finished are skipped) or a checkpoint folder.
+        force_resume: resume even though the config changes what the run computes.
     """
     out = Path(out)
     stages = stages or cfg.stages
+    report: dict = {}
+    points: dict[str, Path | None] = {}
+    if resume is not None:
+        points = _resume_points(cfg, out, stages, resume, force_resume)
+        if (out / "train_report.json").is_file():
+            report = json.loads((out / "train_report.json").read_text())
+        if resume == "latest":  # a finished stage's final checkpoint is not a point to resume from
+            points = {s: (None if s in report else p) for s, p in points.items()}
     accelerator = make_accelerator(cfg.mixed_precision, cfg.seed, cfg.report_to, out / "logs")
     if accelerator.is_main_process:
         (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -48,14 +126,24 @@ def train(cfg: RunConfig, out: str | Path, stages: list[str] | None = None) -> d
     train_pixels, holdout = load_images(
         cfg.data, geometry(cfg).bucket_step, batch, out, main_process=accelerator.is_main_process
     )
-    report: dict = {"mixed_precision": accelerator.mixed_precision, "processes": accelerator.num_processes}
-    for stage in stages:
+    report.update({"mixed_precision": accelerator.mixed_precision, "processes": accelerator.num_processes})
+    resumed_stage = next((s for s in stages if points.get(s) is not None), None)
+    for position, stage in enumerate(stages):
+        # A stage listed in the report finished before the interruption (its outputs are saved):
+        # resuming skips it, unless a checkpoint of it, or of an earlier stage, was chosen.
+        earlier = resumed_stage is None or position < stages.index(resumed_stage)
+        if resume is not None and stage in report and earlier:
+            continue
+        point = points.get(stage)
+        # Each stage starts from its own seed, so that it draws the same initial weights and
+        # noise whether or not the stages before it ran in this process (resume).
+        set_seed(cfg.seed + STAGES.index(stage) if stage in STAGES else cfg.seed)
         if stage == "vae":
-            report["vae"] = train_vae(cfg, train_pixels, holdout, out, accelerator)
+            report["vae"] = train_vae(cfg, train_pixels, holdout, out, accelerator, point)
         elif stage == "clip":
-            report["clip"] = train_clip(cfg, train_pixels, out, accelerator)
+            report["clip"] = train_clip(cfg, train_pixels, out, accelerator, point)
         elif stage == "unet":
-            report["unet"] = train_unet(cfg, train_pixels, out, accelerator)
+            report["unet"] = train_unet(cfg, train_pixels, out, accelerator, point)
         else:
             raise ValueError(f"unknown stage {stage!r}; stages are vae, clip, unet")
         if accelerator.is_main_process:

@@ -34,9 +34,10 @@ from ldm_pipeline.presets import build_scheduler, build_unet, get_preset
 from ldm_pipeline.tokenizer import token_ids
 
 from .cache import cached_latents, cached_texts
+from .checkpoint import GeneratorState
 from .config import LoRAConfig, RunConfig
 from .data import ImageSet
-from .loop import log_images, make_optimizer, run_loop, trainable
+from .loop import log_images, make_optimizer, run_loop, stage_checkpoints, trainable
 from .objectives import (
     denoising_loss,
     min_snr_weights,
@@ -132,7 +133,9 @@ class Denoiser(torch.nn.Module):
         return self.unet(zt, t, encoder_hidden_states=cond).sample
 
 
-def train_unet(cfg: RunConfig, train: ImageSet, out: Path, accelerator: Accelerator) -> dict:
+def train_unet(
+    cfg: RunConfig, train: ImageSet, out: Path, accelerator: Accelerator, resume: Path | None = None
+) -> dict:
     """Train the UNet (or its LoRA) and save a pipeline folder to ``out/pipeline`` (``out/lora``)."""
     c = cfg.unet
     preset = get_preset(cfg.model)
@@ -248,8 +251,18 @@ def train_unet(cfg: RunConfig, train: ImageSet, out: Path, accelerator: Accelera
         log_images(accelerator, "validation", images, step + 1)
         return {}
 
+    stateful = {"batches": batches, "generator": GeneratorState(generator)}
     result = run_loop(
-        accelerator, model, optimizer, compute_loss, c, desc="unet", ema=ema, after_step=validate, on_minute=snapshot
+        accelerator,
+        model,
+        optimizer,
+        compute_loss,
+        c,
+        desc="unet",
+        ema=ema,
+        after_step=validate,
+        on_minute=snapshot,
+        checkpoints=stage_checkpoints(out, "unet", c, stateful, resume),
     )
     inner = accelerator.unwrap_model(model)
     ema.copy_to(trainable(inner))

@@ -20,9 +20,10 @@ from ldm_pipeline.evaluation.metrics import vae_reconstruction_psnr
 from ldm_pipeline.loading import load_component
 from ldm_pipeline.presets import build_vae
 
+from .checkpoint import GeneratorState
 from .config import RunConfig
 from .data import ImageSet
-from .loop import make_optimizer, run_loop
+from .loop import make_optimizer, run_loop, stage_checkpoints
 
 
 class PatchDiscriminator(nn.Module):
@@ -109,7 +110,9 @@ def measure_scaling_factor(
     return 1.0 / std
 
 
-def train_vae(cfg: RunConfig, train: ImageSet, holdout: ImageSet, out: Path, accelerator: Accelerator) -> dict:
+def train_vae(
+    cfg: RunConfig, train: ImageSet, holdout: ImageSet, out: Path, accelerator: Accelerator, resume: Path | None = None
+) -> dict:
     """Train (or load, with ``vae.pretrained``) the VAE, save it to ``out/vae``, return metrics."""
     c = cfg.vae
     if c.pretrained:
@@ -129,6 +132,9 @@ def train_vae(cfg: RunConfig, train: ImageSet, holdout: ImageSet, out: Path, acc
         state: dict = {}
 
         crop_gen = torch.Generator().manual_seed(cfg.seed + 4)
+        stateful = {"batches": batches, "crop_generator": GeneratorState(crop_gen)}
+        if use_gan:
+            stateful.update(discriminator=disc, discriminator_optimizer=d_opt)
 
         def compute_loss(step: int) -> dict[str, torch.Tensor]:
             pixels, index = next(batches)
@@ -166,6 +172,7 @@ def train_vae(cfg: RunConfig, train: ImageSet, holdout: ImageSet, out: Path, acc
             c,
             desc="vae",
             after_step=discriminator_step if use_gan else None,
+            checkpoints=stage_checkpoints(out, "vae", c, stateful, resume),
         )
         metrics = {"steps": result.steps, "minutes": round(result.minutes, 2), "final_loss": result.final_loss}
         if accelerator.is_main_process:
