@@ -36,6 +36,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=_positive_int, default=None, help="default: the model's size")
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="default: the model's own")
     p.add_argument("--out", type=Path, required=True, help="PNG path; with several images, a grid")
+    p.add_argument(
+        "--allow-pickle", action="store_true", help="also load pickle (.bin) weights: only if you trust them"
+    )
     p.set_defaults(func=_generate)
 
 
@@ -53,7 +56,7 @@ def _generate(args: argparse.Namespace) -> None:
     # Loading bars would bury the one line the command prints; the sampling bar stays.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
     if args.scheduler:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     images = pipe(
@@ -136,6 +139,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, default=None, help="default: the pipeline's")
     p.add_argument("--clip", default=None, help="CLIP evaluator folder (default: the run's clip/ beside the model)")
     p.add_argument("--out", type=Path, required=True, help="report JSON path")
+    p.add_argument(
+        "--allow-pickle", action="store_true", help="also load pickle (.bin) weights: only if you trust them"
+    )
     p.set_defaults(func=_eval)
 
 
@@ -145,7 +151,7 @@ def _eval(args: argparse.Namespace) -> None:
     from .evaluation import evaluate
     from .loading import load_pipeline
 
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
     pipe.set_progress_bar_config(disable=True)
     clip_dir = args.clip
     beside = Path(args.model).parent / "clip"
@@ -156,6 +162,20 @@ def _eval(args: argparse.Namespace) -> None:
     args.out.write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
     print(f"wrote {args.out}")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="make a pipeline (or LoRA) folder from a UNet training checkpoint")
+    p.add_argument("--checkpoint", type=Path, required=True, help="<run>/checkpoints/unet/step-N")
+    p.add_argument("--output", type=Path, required=True, help="folder to write pipeline/ (or lora/) into")
+    p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA weights")
+    p.set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from training.export import export_checkpoint
+
+    print(f"wrote {export_checkpoint(args.checkpoint, args.output, use_ema=not args.raw)}")
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
@@ -209,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quickstart(sub)
     _add_eval(sub)
     _add_data(sub)
+    _add_export(sub)
     return parser
 
 

@@ -6,6 +6,8 @@ import os
 import re
 
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel
 
 from .pipeline import LatentDiffusionPipeline
 
@@ -17,12 +19,67 @@ class ModelLoadError(ValueError):
     """A model folder or Hub id that cannot be loaded; the message says why."""
 
 
-def load_pipeline(model: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> LatentDiffusionPipeline:
-    """Load a `LatentDiffusionPipeline` from a folder or a Hub id through ``from_pretrained``.
+# The pipeline's weighted components and their classes: loaded one by one, strictly.
+MODEL_COMPONENTS = {"vae": AutoencoderKL, "text_encoder": CLIPTextModel, "unet": UNet2DConditionModel}
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def load_model(cls: type, source: str, subfolder: str | None = None, allow_pickle: bool = False, **kwargs):
+    """``cls.from_pretrained`` that refuses pickle weights and any key mismatch.
+
+    Weights are read from safetensors only unless ``allow_pickle`` (a pickle file can run code
+    when loaded). Missing, unexpected or mis-shaped keys raise instead of the libraries' warning
+    and random initialisation. Remote code never runs (``trust_remote_code`` stays off).
 
     Raises:
-        ModelLoadError: the folder is missing or not a pipeline folder, or the Hub id cannot be
-            fetched (no network, unknown repository).
+        ModelLoadError: no safetensors weights, unreadable files, or keys that do not match.
+    """
+    where = f"{source}/{subfolder}" if subfolder else str(source)
+    folder = os.path.join(source, subfolder or "")
+    try:
+        if subfolder:
+            kwargs["subfolder"] = subfolder
+        model, info = cls.from_pretrained(
+            source,
+            use_safetensors=None if allow_pickle else True,
+            output_loading_info=True,
+            **kwargs,
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        pickles = (
+            [f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+            if (os.path.isdir(folder))
+            else []
+        )
+        if pickles and not allow_pickle and not any(f.endswith(".safetensors") for f in os.listdir(folder)):
+            raise ModelLoadError(
+                f"{where} has only pickle weights ({', '.join(sorted(pickles))}); loading pickle can run code: "
+                "convert them to safetensors, or allow pickle (allow_pickle / --allow-pickle) if you trust the source"
+            ) from err
+        raise ModelLoadError(f"could not load {cls.__name__} from {where}: {_first_line(err)}") from err
+    problems = {k: list(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {k: v for k, v in problems.items() if v}
+    if problems:
+        detail = "; ".join(f"{k.replace('_', ' ')}: {v[:5]}{' ...' if len(v) > 5 else ''}" for k, v in problems.items())
+        raise ModelLoadError(f"the weights in {where} do not match {cls.__name__}'s config: {detail}")
+    return model
+
+
+def load_pipeline(
+    model: str | os.PathLike, torch_dtype: torch.dtype | None = None, allow_pickle: bool = False
+) -> LatentDiffusionPipeline:
+    """Load a `LatentDiffusionPipeline` from a folder or a Hub id through ``from_pretrained``.
+
+    The VAE, text encoder and UNet are loaded strictly by `load_model` (safetensors only unless
+    ``allow_pickle``, every key checked), then handed to ``from_pretrained`` with the rest.
+
+    Raises:
+        ModelLoadError: the folder is missing or not a pipeline folder, the Hub id cannot be
+            fetched (no network, unknown repository), or a component does not load strictly.
     """
     model = str(model)
     if os.path.exists(model):
@@ -30,28 +87,39 @@ def load_pipeline(model: str | os.PathLike, torch_dtype: torch.dtype | None = No
             raise ModelLoadError(f"{model} is not a pipeline folder: it has no model_index.json")
     elif not _HUB_ID.match(model) or model.startswith((".", "/", "~")):
         raise ModelLoadError(f"model folder not found: {model}")
+    parts = {
+        name: load_model(cls, model, name, allow_pickle, torch_dtype=torch_dtype)
+        for name, cls in MODEL_COMPONENTS.items()
+    }
     try:
-        return LatentDiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype)
+        return LatentDiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, trust_remote_code=False, **parts)
     except (OSError, ValueError, KeyError) as err:
         where = "folder" if os.path.exists(model) else "Hub id"
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"could not load the pipeline from {where} {model!r}: {first_line}") from err
+        raise ModelLoadError(f"could not load the pipeline from {where} {model!r}: {_first_line(err)}") from err
 
 
-def load_component(cls: type, source: str, subfolder: str, **kwargs):
-    """Load one model (e.g. ``AutoencoderKL``) from a folder or Hub id with ``cls.from_pretrained``.
+def load_component(cls: type, source: str, subfolder: str, allow_pickle: bool = False, **kwargs):
+    """Load one model (e.g. ``AutoencoderKL``) strictly (`load_model`) from a folder or Hub id.
 
     ``source`` may hold the model itself (``stabilityai/sd-vae-ft-mse``) or a whole pipeline or
     training-run folder, in which case the model is read from its ``subfolder`` (``vae``,
-    ``text_encoder``, ...).
+    ``text_encoder``, ...). Tokenizers and other weightless parts load with ``from_pretrained``.
     """
+    if not issubclass(cls, torch.nn.Module):
+        if os.path.isdir(source):
+            inside = os.path.isdir(os.path.join(source, subfolder))
+            return cls.from_pretrained(source, subfolder=subfolder if inside else None, **kwargs)
+        try:
+            return cls.from_pretrained(source, **kwargs)
+        except OSError:
+            return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
     if os.path.isdir(source):
         inside = os.path.isdir(os.path.join(source, subfolder))
-        return cls.from_pretrained(source, subfolder=subfolder if inside else None, **kwargs)
+        return load_model(cls, source, subfolder if inside else None, allow_pickle, **kwargs)
     try:
-        return cls.from_pretrained(source, **kwargs)
-    except OSError:
-        return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
+        return load_model(cls, source, None, allow_pickle, **kwargs)
+    except ModelLoadError:
+        return load_model(cls, source, subfolder, allow_pickle, **kwargs)
 
 
 def load_component_config(cls: type, source: str, subfolder: str) -> dict:

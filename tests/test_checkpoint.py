@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ldm_pipeline.cli import main
 from training import checkpoint
 from training.checkpoint import (
     COMPLETE,
@@ -188,3 +189,18 @@ def test_resume_refuses_a_config_that_changes_the_maths(tmp_path):
     assert json.loads((tmp_path / "train_report.json").read_text())["unet"]["steps"] == report["unet"]["steps"]
     with pytest.raises(ConfigError, match="holds no run"):
         train(cfg, tmp_path / "elsewhere", resume="latest")
+
+
+def test_export_turns_a_checkpoint_into_the_pipeline_the_run_saved(tmp_path, capsys):
+    cfg = quickstart_config(smoke=True, overrides=["report_to=none", "vae.steps=2", "clip.steps=2", "unet.steps=3"])
+    train(cfg, tmp_path / "run")
+    step = latest_checkpoint(tmp_path / "run" / "checkpoints" / "unet")
+    assert step.name == "step-00000003"
+    assert main(["export", "--checkpoint", str(step), "--output", str(tmp_path / "exported")]) == 0
+    assert f"wrote {tmp_path / 'exported' / 'pipeline'}" in capsys.readouterr().out
+    for part in ("unet", "vae", "text_encoder"):
+        final = load_file(next((tmp_path / "run" / "pipeline" / part).glob("*.safetensors")))
+        exported = load_file(next((tmp_path / "exported" / "pipeline" / part).glob("*.safetensors")))
+        assert final.keys() == exported.keys() and all(torch.equal(final[k], exported[k]) for k in final), part
+    vae_step = latest_checkpoint(tmp_path / "run" / "checkpoints" / "vae")
+    assert main(["export", "--checkpoint", str(vae_step), "--output", str(tmp_path / "x")]) == 2

@@ -22,7 +22,7 @@ from ldm_pipeline.tokenizer import load_clip_tokenizer, token_ids
 from .checkpoint import GeneratorState
 from .config import RunConfig
 from .data import ImageSet
-from .loop import make_optimizer, run_loop, stage_checkpoints
+from .loop import check_finite, make_optimizer, run_loop, stage_checkpoints
 
 
 def text_tower(clip: CLIPModel) -> CLIPTextModel:
@@ -39,7 +39,7 @@ def train_clip(
     c = cfg.clip
     preset = get_preset(cfg.model)
     if c.pretrained:
-        text_encoder = load_component(CLIPTextModel, c.pretrained, "text_encoder")
+        text_encoder = load_component(CLIPTextModel, c.pretrained, "text_encoder", cfg.allow_pickle)
         tokenizer = load_component(CLIPTokenizer, c.pretrained, "tokenizer")
         metrics: dict = {"pretrained": c.pretrained}
     else:
@@ -69,6 +69,7 @@ def train_clip(
         clip = accelerator.unwrap_model(clip)
         text_encoder = text_tower(clip)
         metrics = {"steps": result.steps, "minutes": round(result.minutes, 2), "final_loss": result.final_loss}
+        check_finite(clip, "the CLIP model")
         if accelerator.is_main_process:
             clip.save_pretrained(out / "clip")
             tokenizer.save_pretrained(out / "clip")

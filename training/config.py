@@ -177,6 +177,9 @@ class RunConfig:
     # its VAE, text encoder, tokenizer, UNet and noise schedule, unless a stage names its own.
     pretrained: str | None = None
     stages: list[str] = field(default_factory=lambda: list(STAGES))
+    # Load pretrained weights from pickle files (.bin/.ckpt) too; off: safetensors only
+    # (unpickling can run code from the file).
+    allow_pickle: bool = False
     seed: int = 0
     # "auto": bf16 where the hardware runs it fast (see ldm_pipeline.hardware), else fp32.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"

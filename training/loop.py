@@ -69,6 +69,13 @@ def log_images(accelerator: Accelerator, tag: str, images: list, step: int) -> N
             tracker.log({tag: [wandb.Image(im) for im in images]}, step=step)
 
 
+def check_finite(model: torch.nn.Module, what: str) -> None:
+    """Refuse to save ``model`` when any weight is NaN or infinite (a diverged run)."""
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteError(f"not saving {what}: non-finite weights in {bad[:5]}; the last checkpoint is kept")
+
+
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The parameters that train (LoRA: the adapters only), in a fixed order for the optimiser and EMA."""
     return [p for p in model.parameters() if p.requires_grad]

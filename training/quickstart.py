@@ -10,7 +10,7 @@ import torch
 
 from ldm_pipeline.evaluation import evaluate
 from ldm_pipeline.images import image_grid
-from ldm_pipeline.pipeline import LatentDiffusionPipeline
+from ldm_pipeline.loading import load_pipeline
 
 from .config import RunConfig, config_from_dict
 from .run import train
@@ -64,7 +64,7 @@ def quickstart(
     report = train(cfg, out)
     train_minutes = (time.monotonic() - start) / 60
 
-    pipe = LatentDiffusionPipeline.from_pretrained(out / "pipeline")
+    pipe = load_pipeline(out / "pipeline")
     pipe.set_progress_bar_config(disable=True)
     grid = pipe(list(GRID_PROMPTS), generator=[torch.Generator().manual_seed(i) for i in range(8)]).images
     # Small images are enlarged (nearest neighbour) to at least 128 pixels a side for viewing.

@@ -37,7 +37,7 @@ from .cache import cached_latents, cached_texts
 from .checkpoint import GeneratorState
 from .config import LoRAConfig, RunConfig
 from .data import ImageSet
-from .loop import log_images, make_optimizer, run_loop, stage_checkpoints, trainable
+from .loop import check_finite, log_images, make_optimizer, run_loop, stage_checkpoints, trainable
 from .objectives import (
     denoising_loss,
     min_snr_weights,
@@ -60,13 +60,13 @@ _SCHEDULE_KEYS = (
 )
 
 
-def _part(out: Path, name: str, pretrained: str | None, cls: type, stage: str):
+def _part(out: Path, name: str, pretrained: str | None, cls: type, stage: str, allow_pickle: bool):
     """A frozen component: from ``pretrained`` if set, else from the run folder's earlier stage."""
     if pretrained:
-        return load_component(cls, pretrained, name)
+        return load_component(cls, pretrained, name, allow_pickle)
     if not (out / name).is_dir():
         raise FileNotFoundError(f"{out / name} does not exist: run stage '{stage}' first or set {stage}.pretrained")
-    return cls.from_pretrained(out / name)
+    return load_component(cls, str(out), name)
 
 
 def pretrained_schedule(source: str | None) -> dict:
@@ -133,17 +133,75 @@ class Denoiser(torch.nn.Module):
         return self.unet(zt, t, encoder_hidden_states=cond).sample
 
 
+def frozen_parts(cfg: RunConfig, out: Path) -> tuple[AutoencoderKL, CLIPTextModel, CLIPTokenizer]:
+    """The VAE, text encoder and tokenizer: pretrained ones, or the run folder's earlier stages'."""
+    pickle = cfg.allow_pickle
+    vae = _part(out, "vae", cfg.vae.pretrained, AutoencoderKL, "vae", pickle)
+    text_encoder = _part(out, "text_encoder", cfg.clip.pretrained, CLIPTextModel, "clip", pickle)
+    tokenizer = _part(out, "tokenizer", cfg.clip.pretrained, CLIPTokenizer, "clip", pickle)
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    return vae, text_encoder, tokenizer
+
+
+def trained_modules(cfg: RunConfig, text_encoder: CLIPTextModel) -> Denoiser:
+    """The UNet (pretrained or new) and, with ``unet.train_text_encoder``, the text encoder, with
+    LoRA adapters when ``unet.lora`` is set; what trains has ``requires_grad``."""
+    c = cfg.unet
+    if c.pretrained:
+        unet = load_component(UNet2DConditionModel, c.pretrained, "unet", cfg.allow_pickle)
+    else:
+        unet = build_unet(get_preset(cfg.model))
+    unet = unet.to(memory_format=torch.channels_last)
+    if c.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if c.lora is not None:
+        add_lora(unet, c.lora, c.lora.target_modules)
+    trained_text_encoder = None
+    if c.train_text_encoder:
+        trained_text_encoder = text_encoder
+        if c.lora is not None:
+            add_lora(text_encoder, c.lora, c.lora.text_encoder_target_modules)
+        else:
+            text_encoder.requires_grad_(True)
+    return Denoiser(unet, trained_text_encoder)
+
+
+def sampling_scheduler(cfg: RunConfig):
+    """The scheduler the saved pipeline samples with; training's DDPM forward process is built
+    from its config, so both use one noise schedule (a pretrained model's own, when given)."""
+    preset = get_preset(cfg.model)
+    c = cfg.unet
+    schedule = {
+        **preset.scheduler,
+        **pretrained_schedule(c.pretrained),
+        **(zero_terminal_snr_config() if c.zero_terminal_snr else {}),
+    }
+    return build_scheduler(dataclasses.replace(preset, prediction_type=c.prediction_type, scheduler=schedule))
+
+
+def save_outputs(out: Path, cfg: RunConfig, vae, text_encoder, tokenizer, model: Denoiser, sampler) -> Path:
+    """The trained result: LoRA adapters in ``out/lora`` (with ``unet.lora``), else a complete
+    pipeline folder in ``out/pipeline``. Returns the folder written."""
+    check_finite(model, "the UNet stage's outputs")
+    unet = model.unet.to(memory_format=torch.contiguous_format)
+    if cfg.unet.lora is not None:
+        save_lora(out / "lora", unet, model.text_encoder)
+        return out / "lora"
+    pipe = LatentDiffusionPipeline(
+        vae=vae.cpu(), text_encoder=text_encoder.cpu(), tokenizer=tokenizer, unet=unet.cpu(), scheduler=sampler
+    )
+    pipe.save_pretrained(out / "pipeline")
+    return out / "pipeline"
+
+
 def train_unet(
     cfg: RunConfig, train: ImageSet, out: Path, accelerator: Accelerator, resume: Path | None = None
 ) -> dict:
     """Train the UNet (or its LoRA) and save a pipeline folder to ``out/pipeline`` (``out/lora``)."""
     c = cfg.unet
-    preset = get_preset(cfg.model)
-    vae = _part(out, "vae", cfg.vae.pretrained, AutoencoderKL, "vae").to(accelerator.device)
-    text_encoder = _part(out, "text_encoder", cfg.clip.pretrained, CLIPTextModel, "clip").to(accelerator.device)
-    tokenizer = _part(out, "tokenizer", cfg.clip.pretrained, CLIPTokenizer, "clip")
-    vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
+    vae, text_encoder, tokenizer = frozen_parts(cfg, out)
+    vae, text_encoder = vae.to(accelerator.device), text_encoder.to(accelerator.device)
 
     cache_dir = cfg.data.cache_dir or out / "cache"
     cache_start = time.monotonic()
@@ -157,29 +215,9 @@ def train_unet(
     cache_minutes = (time.monotonic() - cache_start) / 60
     scale = vae.config.scaling_factor
 
-    unet = load_component(UNet2DConditionModel, c.pretrained, "unet") if c.pretrained else build_unet(preset)
-    unet = unet.to(memory_format=torch.channels_last)
-    if c.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if c.lora is not None:
-        add_lora(unet, c.lora, c.lora.target_modules)
-    trained_text_encoder = None
-    if c.train_text_encoder:
-        trained_text_encoder = text_encoder
-        if c.lora is not None:
-            add_lora(text_encoder, c.lora, c.lora.text_encoder_target_modules)
-        else:
-            text_encoder.requires_grad_(True)
-    # One noise schedule for training and sampling: the DDPM forward process is built from the
-    # config of the scheduler the saved pipeline will sample with (a pretrained model's own).
-    schedule = {
-        **preset.scheduler,
-        **pretrained_schedule(c.pretrained),
-        **(zero_terminal_snr_config() if c.zero_terminal_snr else {}),
-    }
-    sampler = build_scheduler(dataclasses.replace(preset, prediction_type=c.prediction_type, scheduler=schedule))
+    model = trained_modules(cfg, text_encoder)
+    sampler = sampling_scheduler(cfg)
     noise_scheduler = DDPMScheduler.from_config(sampler.config)
-    model = Denoiser(unet, trained_text_encoder)
     ema = EMAModel(trainable(model), decay=c.ema_decay)
     optimizer = make_optimizer(trainable(model), c)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -266,28 +304,18 @@ def train_unet(
     )
     inner = accelerator.unwrap_model(model)
     ema.copy_to(trainable(inner))
-    unet = inner.unet.to(memory_format=torch.contiguous_format)
     metrics = {
         "steps": result.steps,
         "minutes": round(result.minutes, 2),
         "cache_minutes": round(cache_minutes, 3),
         "final_loss": result.final_loss,
+        "skipped_steps": result.skipped,
         "images": len(train),
         "buckets": {f"{w}x{h}": len(b) for (h, w), b in zip(train.shapes, train.buckets, strict=True)},
     }
     if accelerator.is_main_process:
-        if c.lora is not None:
-            save_lora(out / "lora", unet, trained_text_encoder)
-            metrics["lora"] = str(out / "lora")
-        else:
-            pipe = LatentDiffusionPipeline(
-                vae=vae.cpu(),
-                text_encoder=text_encoder.cpu(),
-                tokenizer=tokenizer,
-                unet=unet.cpu(),
-                scheduler=sampler,
-            )
-            pipe.save_pretrained(out / "pipeline")
+        written = save_outputs(out, cfg, vae, text_encoder, tokenizer, inner, sampler)
+        metrics["lora" if cfg.unet.lora is not None else "pipeline"] = str(written)
         result.save(out / "logs" / "unet_losses.json")
     accelerator.wait_for_everyone()
     return metrics

@@ -23,7 +23,7 @@ from ldm_pipeline.presets import build_vae
 from .checkpoint import GeneratorState
 from .config import RunConfig
 from .data import ImageSet
-from .loop import make_optimizer, run_loop, stage_checkpoints
+from .loop import check_finite, make_optimizer, run_loop, stage_checkpoints
 
 
 class PatchDiscriminator(nn.Module):
@@ -116,7 +116,7 @@ def train_vae(
     """Train (or load, with ``vae.pretrained``) the VAE, save it to ``out/vae``, return metrics."""
     c = cfg.vae
     if c.pretrained:
-        vae = load_component(AutoencoderKL, c.pretrained, "vae")
+        vae = load_component(AutoencoderKL, c.pretrained, "vae", cfg.allow_pickle)
         metrics: dict = {"pretrained": c.pretrained}
     else:
         vae = new_vae(cfg)
@@ -184,6 +184,7 @@ def train_vae(
         psnr = sum(len(p) * vae_reconstruction_psnr(vae, p.float_batch(torch.arange(len(p)))) for p in holdout.buckets)
         metrics["psnr"] = round(psnr / len(holdout), 3)
     metrics["scaling_factor"] = vae.config.scaling_factor
+    check_finite(vae, "the VAE")
     if accelerator.is_main_process:
         vae.save_pretrained(out / "vae")
     accelerator.wait_for_everyone()

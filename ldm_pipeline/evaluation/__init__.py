@@ -18,6 +18,7 @@ from ..data import load_builtin
 from ..data import shapes as shapes_data
 from ..data.digits import TEMPLATES as DIGIT_TEMPLATES
 from ..data.digits import caption as digit_caption
+from ..loading import load_model
 from ..pipeline import LatentDiffusionPipeline
 from .metrics import clip_score, vae_reconstruction_psnr
 from .shapes import adherence
@@ -119,7 +120,7 @@ def evaluate(
     if clip_dir is not None:
         from transformers import CLIPModel, CLIPTokenizer
 
-        clip = CLIPModel.from_pretrained(clip_dir)
+        clip = load_model(CLIPModel, str(clip_dir))
         tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
         clip_size = clip.config.vision_config.image_size
         report["clip_score"] = clip_score(clip, tokenizer, to_tensor(images, clip_size), prompts)

@@ -1,0 +1,110 @@
+"""Safe loading: safetensors only unless asked, every key checked, corrupt files named; config fuzzing."""
+
+import contextlib
+import shutil
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from ldm_pipeline.cli import main
+from ldm_pipeline.loading import ModelLoadError, load_pipeline
+from training.config import ConfigError, config_from_dict
+from training.loop import NonFiniteError, check_finite
+
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture
+def copy(tiny_dir, tmp_path):
+    path = tmp_path / "pipe"
+    shutil.copytree(tiny_dir, path)
+    return path
+
+
+def test_a_clean_folder_loads_with_the_same_weights(tiny_dir):
+    pipe = load_pipeline(tiny_dir)
+    saved = load_file(tiny_dir / UNET_WEIGHTS)
+    assert all(torch.equal(v, saved[k]) for k, v in pipe.unet.state_dict().items())
+
+
+def test_missing_unexpected_and_misshaped_keys_are_named(copy):
+    weights = load_file(copy / UNET_WEIGHTS)
+    weights.pop("conv_in.bias")
+    weights["stray.weight"] = torch.zeros(2)
+    save_file(weights, copy / UNET_WEIGHTS)
+    with pytest.raises(ModelLoadError, match=r"unet do not match .*missing keys: \['conv_in.bias'\].*stray.weight"):
+        load_pipeline(copy)
+
+
+def test_pickle_weights_are_refused_unless_allowed(copy, capsys):
+    weights = load_file(copy / UNET_WEIGHTS)
+    (copy / UNET_WEIGHTS).unlink()
+    torch.save(weights, copy / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match=r"unet has only pickle weights \(diffusion_pytorch_model.bin\)"):
+        load_pipeline(copy)
+    assert torch.equal(load_pipeline(copy, allow_pickle=True).unet.conv_in.bias, weights["conv_in.bias"])
+    args = ["generate", "--model", str(copy), "--prompt", "x", "--steps", "1", "--out", str(copy / "x.png")]
+    assert main(args) == 2 and "only pickle weights" in capsys.readouterr().err
+
+
+def test_truncated_weights_and_broken_json_give_clear_errors(copy):
+    data = (copy / UNET_WEIGHTS).read_bytes()
+    (copy / UNET_WEIGHTS).write_bytes(data[: len(data) // 3])
+    with pytest.raises(ModelLoadError, match="could not load UNet2DConditionModel from .*unet"):
+        load_pipeline(copy)
+    (copy / UNET_WEIGHTS).write_bytes(data)
+    (copy / "vae" / "config.json").write_text('{"in_channels": 3,')
+    with pytest.raises(ModelLoadError, match="could not load AutoencoderKL from .*vae"):
+        load_pipeline(copy)
+
+
+def test_non_finite_weights_are_never_saved():
+    layer = torch.nn.Linear(2, 2)
+    check_finite(layer, "a layer")
+    with torch.no_grad():
+        layer.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"not saving a layer: non-finite weights in \['weight'\]"):
+        check_finite(layer, "a layer")
+
+
+_keys = st.sampled_from(
+    [
+        "model",
+        "data",
+        "vae",
+        "clip",
+        "unet",
+        "steps",
+        "lora",
+        "rank",
+        "seed",
+        "x",
+        "pretrained",
+        "resolution",
+        "bucketing",
+        "batch_size",
+        "learning_rate",
+        "timestep_range",
+        "background",
+        "max_aspect",
+        "holdout",
+        "mixed_precision",
+        "prediction_type",
+        "crop_size",
+        "max_minutes",
+        "zero_terminal_snr",
+        "num_samples",
+    ]
+)
+_leaves = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**6), st.floats(allow_nan=True), st.text(max_size=8))
+_values = st.recursive(_leaves, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_keys, inner, max_size=4))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(_keys, _values, max_size=5))
+def test_config_loader_raises_only_config_errors(data):
+    with contextlib.suppress(ConfigError):  # any other exception fails the test
+        config_from_dict(data)
