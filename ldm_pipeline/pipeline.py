@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -131,8 +132,15 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         negative_prompt_embeds: torch.Tensor | None,
         output_type: str,
         callback_on_step_end_tensor_inputs: list[str] | None,
+        guidance_scale: float = 1.0,
     ) -> None:
         """Raise a ``ValueError`` naming the first problem with the call's arguments."""
+        if (
+            isinstance(guidance_scale, bool)
+            or not isinstance(guidance_scale, (int, float))
+            or not (math.isfinite(guidance_scale))
+        ):
+            raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale!r}")
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value <= 0 or value % self.vae_scale_factor != 0:
                 raise ValueError(
@@ -313,6 +321,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             negative_prompt_embeds,
             output_type,
             callback_inputs,
+            guidance_scale,
         )
         self._interrupt = False
 

@@ -133,6 +133,9 @@ def test_callback_changes_latents_and_stops_loop(pipe):
         ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
         ({"latents": torch.zeros(1, 4, 8, 8)}, "latents"),
         ({"callback_on_step_end_tensor_inputs": ["noise"]}, "callback_on_step_end_tensor_inputs"),
+        ({"guidance_scale": float("nan")}, "guidance_scale"),
+        ({"guidance_scale": "7"}, "guidance_scale"),
+        ({"prompt": ["a", 3]}, "non-empty list of str"),
     ],
 )
 def test_bad_input_raises_value_error_naming_it(pipe, kwargs, message):
