@@ -23,7 +23,7 @@ from training.checkpoint import (
     save_checkpoint,
 )
 from training.config import ConfigError, StageConfig
-from training.loop import NonFiniteError, make_accelerator, make_optimizer, run_loop
+from training.loop import Checkpoints, NonFiniteError, make_accelerator, make_optimizer, run_loop
 from training.quickstart import quickstart_config
 from training.run import train
 
@@ -204,3 +204,13 @@ def test_export_turns_a_checkpoint_into_the_pipeline_the_run_saved(tmp_path, cap
         assert final.keys() == exported.keys() and all(torch.equal(final[k], exported[k]) for k in final), part
     vae_step = latest_checkpoint(tmp_path / "run" / "checkpoints" / "vae")
     assert main(["export", "--checkpoint", str(vae_step), "--output", str(tmp_path / "x")]) == 2
+
+
+def test_resume_with_another_number_of_processes_is_refused(tmp_path):
+    state = _state()
+    state["rng"] = {"torch": torch.stack([torch.get_rng_state()] * 2)}
+    path = save_checkpoint(tmp_path, 2, state, keep=1)
+    accelerator, model, optimizer, compute_loss, cfg = _loop_setup([1.0, 1.0])
+    ckpt = Checkpoints(tmp_path, None, 1, resume=path)
+    with pytest.raises(CheckpointError, match="written by 2 process\\(es\\); this run has 1: resume with 2"):
+        run_loop(accelerator, model, optimizer, compute_loss, cfg, desc="t", checkpoints=ckpt)

@@ -160,3 +160,13 @@ def test_example_finetune_configs_validate(name, tiny_dir, user_folder):
     path = Path(__file__).parents[1] / "configs" / name
     cfg = load_config(path, [f"pretrained={tiny_dir}", f"data.source={user_folder}"])
     assert cfg.unet.pretrained == str(tiny_dir) and cfg.data.bucketing
+
+
+def test_full_finetune_can_train_the_text_encoder_too(tiny_dir, user_folder, tmp_path):
+    train(_config(tiny_dir, user_folder, train_text_encoder=True), tmp_path)
+    tuned = LatentDiffusionPipeline.from_pretrained(tmp_path / "pipeline")
+    base = LatentDiffusionPipeline.from_pretrained(tiny_dir)
+    before = base.text_encoder.state_dict()
+    changed = [k for k, v in tuned.text_encoder.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed
+    assert not list((tmp_path / "cache").glob("texts-*"))  # embeddings are computed each step, not cached

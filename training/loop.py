@@ -194,6 +194,13 @@ def _capture(accelerator, model, optimizer, lr_scheduler, ema, ckpt: Checkpoints
 def _restore(accelerator, model, optimizer, lr_scheduler, ema, ckpt: Checkpoints) -> dict:
     """Load ``ckpt.resume`` into the training objects; returns the loop's saved counters."""
     _, state, _ = load_checkpoint(ckpt.resume)
+    saved_processes = len(state["rng"]["torch"])
+    if saved_processes != accelerator.num_processes:
+        # Each process's random streams and share of every batch depend on the world size.
+        raise CheckpointError(
+            f"checkpoint {ckpt.resume} was written by {saved_processes} process(es); this run has "
+            f"{accelerator.num_processes}: resume with {saved_processes}"
+        )
     inner = accelerator.unwrap_model(model)
     expected = _trainable_state(inner)
     missing = sorted(set(expected) - set(state["model"]))
