@@ -49,12 +49,13 @@ def train_clip(
         clip = CLIPModel(config)
         optimizer = make_optimizer(clip.parameters(), c)
         clip, optimizer = accelerator.prepare(clip, optimizer)
-        batches = train.batches(c.batch_size, cfg.seed + 1, accelerator)
+        batches = train.batches(c.batch_size, c.gradient_accumulation_steps, cfg.seed + 1, accelerator)
         caption_gen = torch.Generator().manual_seed(cfg.seed + 5)
         side = config.vision_config.image_size
 
         def compute_loss(step: int) -> dict[str, torch.Tensor]:
-            pixels, index = next(batches)
+            batch = next(batches)
+            pixels, index = batch.pixels, batch.index
             images = pixels.float_batch(index).to(accelerator.device)
             if images.shape[-2:] != (side, side):  # an aspect bucket: the vision tower is square
                 images = F.interpolate(images, size=(side, side), mode="bilinear", antialias=True)

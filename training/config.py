@@ -76,6 +76,8 @@ class StageConfig:
     # With max_minutes set, the loop fits the LR schedule to the steps that fit in that time
     # (at most ``steps``); ``steps: null`` then means as many as fit.
     steps: int | None = 1300
+    # Images per optimiser step over all processes and accumulation micro-batches: the same
+    # training at any world size (it must divide by processes × gradient_accumulation_steps).
     batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 100

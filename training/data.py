@@ -64,16 +64,61 @@ class ImageSet:
         """Each bucket's (height, width)."""
         return [tuple(b.images.shape[-2:]) for b in self.buckets]
 
-    def batches(self, batch_size: int, seed: int, accelerator: Accelerator) -> BatchSampler:
-        """Endless (bucket's `Pixels`, indices) batches; see `bucket_batches`."""
-        return BatchSampler([len(b) for b in self.buckets], batch_size, seed, accelerator, self.buckets)
+    def batches(self, batch_size: int, accumulation: int, seed: int, accelerator: Accelerator) -> BatchSampler:
+        """Endless micro-batches: ``batch_size`` images per optimiser step over all processes,
+        in ``accumulation`` draws; see `bucket_batches` and `Batch`.
+
+        Raises:
+            ValueError: ``batch_size`` does not split evenly over processes and micro-batches.
+        """
+        processes = accelerator.num_processes
+        if batch_size % (accumulation * processes):
+            raise ValueError(
+                f"batch_size {batch_size} (images per optimiser step) must be a multiple of "
+                f"{processes} process(es) × {accumulation} accumulation step(s)"
+            )
+        return BatchSampler([len(b) for b in self.buckets], batch_size // accumulation, seed, accelerator, self.buckets)
+
+
+@dataclass
+class Batch:
+    """One micro-batch: ``chunk`` holds its images' indices over all processes, ``index`` this
+    process's share (``chunk[part]``). Random draws made for the whole chunk and then cut to
+    ``part`` are the same whatever the number of processes."""
+
+    pixels: Pixels
+    index: torch.Tensor
+    chunk: torch.Tensor
+    part: slice
+
+
+def bucket_batches(sizes: list[int], global_batch: int, seed: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """Endless (bucket, indices) batches of ``global_batch`` images, each from one bucket.
+
+    Each epoch permutes every bucket, cuts it into batches (the remainder waits for the next
+    epoch's permutation) and visits them in random order. Every process draws the same sequence.
+    """
+    if min(sizes) < global_batch:
+        raise ValueError(f"a bucket has {min(sizes)} images, fewer than one batch over all processes ({global_batch})")
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        chunks = []
+        for bucket, n in enumerate(sizes):
+            order = torch.randperm(n, generator=generator)
+            chunks += [(bucket, order[s : s + global_batch]) for s in range(0, n - global_batch + 1, global_batch)]
+        visit = torch.randperm(len(chunks), generator=generator).tolist() if len(sizes) > 1 else range(len(chunks))
+        for k in visit:
+            yield chunks[k]
 
 
 class BatchSampler:
-    """`bucket_batches` with a position that checkpoints save and resumes restore (mid-epoch)."""
+    """`bucket_batches` cut into each process's share, with a position that checkpoints save and
+    resumes restore (mid-epoch)."""
 
-    def __init__(self, sizes: list[int], batch_size: int, seed: int, accelerator: Accelerator, items: list):
-        self._args = (sizes, batch_size, seed, accelerator)
+    def __init__(self, sizes: list[int], global_batch: int, seed: int, accelerator: Accelerator, items: list):
+        self._args = (sizes, global_batch, seed)
+        share = global_batch // accelerator.num_processes
+        self._part = slice(accelerator.process_index * share, (accelerator.process_index + 1) * share)
         self._items = items
         self._reset()
 
@@ -84,10 +129,10 @@ class BatchSampler:
     def __iter__(self) -> BatchSampler:
         return self
 
-    def __next__(self) -> tuple[Pixels, torch.Tensor]:
-        bucket, index = next(self._batches)
+    def __next__(self) -> Batch:
+        bucket, chunk = next(self._batches)
         self.consumed += 1
-        return self._items[bucket], index
+        return Batch(self._items[bucket], chunk[self._part], chunk, self._part)
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed}
@@ -97,35 +142,6 @@ class BatchSampler:
         self._reset()
         for _ in range(state["consumed"]):
             next(self)
-
-
-def bucket_batches(
-    sizes: list[int], batch_size: int, seed: int, accelerator: Accelerator
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """Endless batches of (bucket, indices into it), each batch from one bucket.
-
-    Each epoch permutes every bucket, cuts it into global batches (``batch_size`` × processes;
-    the remainder waits for the next epoch's permutation) and visits them in random order. All
-    processes draw the same sequence and take their own share of each global batch, so a
-    launch with N processes sees N × batch_size samples per optimiser step.
-    """
-    global_batch = batch_size * accelerator.num_processes
-    if min(sizes) < global_batch:
-        raise ValueError(
-            f"a bucket has {min(sizes)} images, fewer than one global batch "
-            f"({batch_size} × {accelerator.num_processes} processes)"
-        )
-    generator = torch.Generator().manual_seed(seed)
-    rank = accelerator.process_index
-    while True:
-        chunks = []
-        for bucket, n in enumerate(sizes):
-            order = torch.randperm(n, generator=generator)
-            chunks += [(bucket, order[s : s + global_batch]) for s in range(0, n - global_batch + 1, global_batch)]
-        visit = torch.randperm(len(chunks), generator=generator).tolist() if len(sizes) > 1 else range(len(chunks))
-        for k in visit:
-            bucket, chunk = chunks[k]
-            yield bucket, chunk[rank * batch_size : (rank + 1) * batch_size]
 
 
 def _builtin(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:

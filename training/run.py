@@ -120,9 +120,9 @@ def train(
     if accelerator.is_main_process:
         (out / "logs").mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-    # Every batch fills from one bucket: a bucket smaller than the largest global batch of the
-    # stages that train here is folded into its neighbour.
-    batch = max(getattr(cfg, s).batch_size for s in stages) * accelerator.num_processes
+    # Every micro-batch fills from one bucket: a bucket smaller than the largest micro-batch (over
+    # all processes) of the stages that train here is folded into its neighbour.
+    batch = max(getattr(cfg, s).batch_size // getattr(cfg, s).gradient_accumulation_steps for s in stages)
     train_pixels, holdout = load_images(
         cfg.data, geometry(cfg).bucket_step, batch, out, main_process=accelerator.is_main_process
     )

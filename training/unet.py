@@ -222,30 +222,34 @@ def train_unet(
     optimizer = make_optimizer(trainable(model), c)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
-    batches = train.batches(c.batch_size, cfg.seed + 2, accelerator)
-    generator = torch.Generator().manual_seed(cfg.seed + 3 + accelerator.process_index)
+    batches = train.batches(c.batch_size, c.gradient_accumulation_steps, cfg.seed + 2, accelerator)
+    # The same on every process: draws are made for a micro-batch over all processes and then
+    # cut to this process's part, so each sample sees the same noise at any world size.
+    generator = torch.Generator().manual_seed(cfg.seed + 3)
     bucket_latents = {id(bucket): cache for bucket, cache in zip(train.buckets, latents, strict=True)}
 
     def compute_loss(step: int) -> dict[str, torch.Tensor]:
-        bucket, index = next(batches)
-        cache = bucket_latents[id(bucket)]
-        n = len(index)
+        batch = next(batches)
+        cache, index, part = bucket_latents[id(batch.pixels)], batch.index, batch.part
+        n = len(batch.chunk)
+        shape = (n, *cache["mean"].shape[1:])
         mean, std = cache["mean"][index], cache["std"][index]
         if cfg.data.random_flip:
-            flip = (torch.rand(n, generator=generator) < 0.5).view(-1, 1, 1, 1)
+            flip = (torch.rand(n, generator=generator) < 0.5)[part].view(-1, 1, 1, 1)
             mean = torch.where(flip, cache["mean_flipped"][index], mean)
             std = torch.where(flip, cache["std_flipped"][index], std)
-        z0 = (mean + std * torch.randn(mean.shape, generator=generator)) * scale
-        noise = offset_noise(torch.randn(z0.shape, generator=generator), c.noise_offset, generator)
-        t = sample_timesteps(n, *c.timestep_range, generator=generator)
-        keep = torch.rand(n, generator=generator) >= c.caption_dropout
-        picked = bucket.pick_captions(index, generator)
+        z0 = (mean + std * torch.randn(shape, generator=generator)[part]) * scale
+        noise = offset_noise(torch.randn(shape, generator=generator), c.noise_offset, generator)
+        t = sample_timesteps(n, *c.timestep_range, generator=generator)[part]
+        keep = (torch.rand(n, generator=generator) >= c.caption_dropout)[part]
+        picked = batch.pixels.pick_captions(batch.chunk, generator)[part]
         texts = [text if k else "" for text, k in zip(picked, keep.tolist(), strict=True)]
         if c.train_text_encoder:
             cond = token_ids(tokenizer, texts)
         else:
             cond = embeds[torch.tensor([embedding_of[text] for text in texts])]
-        noisy_input = perturbed_noise(noise, c.input_perturbation, generator)
+        noisy_input = perturbed_noise(noise, c.input_perturbation, generator)[part]
+        noise = noise[part]
         z0, noise, noisy_input, t, cond = (v.to(accelerator.device) for v in (z0, noise, noisy_input, t, cond))
         zt = noise_scheduler.add_noise(z0, noisy_input, t).contiguous(memory_format=torch.channels_last)
         pred = model(zt, t, cond).float()

@@ -122,7 +122,7 @@ def train_vae(
         vae = new_vae(cfg)
         optimizer = make_optimizer(vae.parameters(), c)
         autoencode, optimizer = accelerator.prepare(Autoencode(vae), optimizer)
-        batches = train.batches(c.batch_size, cfg.seed, accelerator)
+        batches = train.batches(c.batch_size, c.gradient_accumulation_steps, cfg.seed, accelerator)
         use_gan = c.gan_start_step is not None
         disc = d_opt = None
         if use_gan:
@@ -137,8 +137,8 @@ def train_vae(
             stateful.update(discriminator=disc, discriminator_optimizer=d_opt)
 
         def compute_loss(step: int) -> dict[str, torch.Tensor]:
-            pixels, index = next(batches)
-            x = _random_crop(pixels.float_batch(index), c.crop_size, crop_gen).to(accelerator.device)
+            batch = next(batches)
+            x = _random_crop(batch.pixels.float_batch(batch.index), c.crop_size, crop_gen).to(accelerator.device)
             rec, kl = autoencode(x)
             err = (rec.float() - x).abs() if c.loss == "l1" else (rec.float() - x).pow(2)
             rec_loss = err.mean()
