@@ -57,6 +57,18 @@ def make_accelerator(
     return accelerator
 
 
+def zero3_init_disabled() -> contextlib.AbstractContextManager:
+    """A context in which models are built whole under DeepSpeed ZeRO-3 (elsewhere: no effect).
+
+    ZeRO-3 partitions every model created under its ``zero.Init``; frozen models that are only
+    run (the VAE, a frozen text encoder) must stay whole on each process.
+    """
+    from accelerate.state import AcceleratorState
+
+    plugin = AcceleratorState().deepspeed_plugin if AcceleratorState._shared_state else None
+    return plugin.zero3_init_context_manager(enable=False) if plugin is not None else contextlib.nullcontext()
+
+
 def log_images(accelerator: Accelerator, tag: str, images: list, step: int) -> None:
     """Log PIL images to the running trackers (TensorBoard, wandb) at ``step``."""
     for tracker in accelerator.trackers:

@@ -37,7 +37,15 @@ from .cache import cached_latents, cached_texts
 from .checkpoint import GeneratorState
 from .config import LoRAConfig, RunConfig
 from .data import ImageSet
-from .loop import check_finite, log_images, make_optimizer, run_loop, stage_checkpoints, trainable
+from .loop import (
+    check_finite,
+    log_images,
+    make_optimizer,
+    run_loop,
+    stage_checkpoints,
+    trainable,
+    zero3_init_disabled,
+)
 from .objectives import (
     denoising_loss,
     min_snr_weights,
@@ -136,8 +144,9 @@ class Denoiser(torch.nn.Module):
 def frozen_parts(cfg: RunConfig, out: Path) -> tuple[AutoencoderKL, CLIPTextModel, CLIPTokenizer]:
     """The VAE, text encoder and tokenizer: pretrained ones, or the run folder's earlier stages'."""
     pickle = cfg.allow_pickle
-    vae = _part(out, "vae", cfg.vae.pretrained, AutoencoderKL, "vae", pickle)
-    text_encoder = _part(out, "text_encoder", cfg.clip.pretrained, CLIPTextModel, "clip", pickle)
+    with zero3_init_disabled():
+        vae = _part(out, "vae", cfg.vae.pretrained, AutoencoderKL, "vae", pickle)
+        text_encoder = _part(out, "text_encoder", cfg.clip.pretrained, CLIPTextModel, "clip", pickle)
     tokenizer = _part(out, "tokenizer", cfg.clip.pretrained, CLIPTokenizer, "clip", pickle)
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
