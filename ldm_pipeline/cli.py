@@ -164,6 +164,23 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def _add_push(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("push", help="upload a pipeline or LoRA folder to the Hugging Face Hub with a model card")
+    p.add_argument("--model", type=Path, required=True, help="pipeline folder (or LoRA folder) to upload")
+    p.add_argument("--repo-id", required=True, help="USER/NAME on the Hub")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--token", default=None, help="default: HF_TOKEN or the token `hf auth login` stored")
+    p.add_argument("--license", default="apache-2.0")
+    p.set_defaults(func=_push)
+
+
+def _push(args: argparse.Namespace) -> None:
+    from .hub import push
+
+    url = push(args.model, args.repo_id, private=args.private, token=args.token, license=args.license)
+    print(f"pushed {args.model} to {args.repo_id}: {url}")
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="make a pipeline (or LoRA) folder from a UNet training checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True, help="<run>/checkpoints/unet/step-N")
@@ -230,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_data(sub)
     _add_export(sub)
+    _add_push(sub)
     return parser
 
 

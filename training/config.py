@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -185,6 +186,10 @@ class RunConfig:
     seed: int = 0
     # "auto": bf16 where the hardware runs it fast (see ldm_pipeline.hardware), else fp32.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # Upload the result (pipeline/ or lora/) with a model card to this Hub repository (USER/NAME)
+    # when training ends; the token comes from HF_TOKEN or `hf auth login`.
+    push_to_hub: str | None = None
+    hub_private: bool = False
     # Loss curves and validation images to TensorBoard (<output>/logs) or wandb (if installed).
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     data: DataConfig = field(default_factory=DataConfig)
@@ -357,6 +362,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _positive(cfg.unet, "unet", ("min_snr_gamma", "snapshot_every_minutes", "validation_every_steps", "huber_delta"))
     if not 0 <= cfg.unet.caption_dropout < 1:
         raise ConfigError(f"unet.caption_dropout: must be in [0, 1), got {cfg.unet.caption_dropout}")
+    if cfg.push_to_hub is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.push_to_hub):
+        raise ConfigError(f"push_to_hub: must be a Hub repository id USER/NAME, got {cfg.push_to_hub!r}")
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
         raise ConfigError(f"report_to: {cfg.report_to} is not installed; pip install {cfg.report_to} or use 'none'")
     u = cfg.unet

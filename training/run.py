@@ -45,6 +45,8 @@ RESUMABLE_CHANGES = (
     "validation_every_steps",
     "validation_prompts",
     "snapshot_every_minutes",
+    "push_to_hub",
+    "hub_private",
 )
 
 
@@ -148,5 +150,11 @@ def train(
             raise ValueError(f"unknown stage {stage!r}; stages are vae, clip, unet")
         if accelerator.is_main_process:
             (out / "train_report.json").write_text(json.dumps(report, indent=2))
+    if cfg.push_to_hub and accelerator.is_main_process:
+        from ldm_pipeline.hub import push
+
+        result = out / ("lora" if cfg.unet.lora is not None else "pipeline")
+        report["hub"] = push(result, cfg.push_to_hub, private=cfg.hub_private)
+        (out / "train_report.json").write_text(json.dumps(report, indent=2))
     accelerator.end_training()
     return report

@@ -1,0 +1,163 @@
+"""Share a model on the Hugging Face Hub: a model card, and an upload of safetensors and JSON only.
+
+`model_card` writes the card from what a run folder records (the resolved ``config.yaml``,
+``train_report.json``, ``eval.json``, ``grid.png``); `push` uploads a pipeline folder or a LoRA
+folder with that card through ``huggingface_hub`` (``HF_ENDPOINT`` selects another endpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+from huggingface_hub import HfApi, ModelCardData
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+# What a model repository gets: weights as safetensors, configs, tokenizer files, the card, images.
+UPLOAD_SUFFIXES = (".safetensors", ".json", ".txt", ".md", ".png")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class HubError(ValueError):
+    """A folder that cannot be shared as it is; the message says why."""
+
+
+def _kind(model_dir: Path) -> str:
+    if (model_dir / "model_index.json").is_file():
+        return "pipeline"
+    if (model_dir / LORA_WEIGHTS).is_file():
+        return "lora"
+    raise HubError(f"{model_dir} is neither a pipeline folder (model_index.json) nor a LoRA folder ({LORA_WEIGHTS})")
+
+
+def _read(path: Path, loader) -> dict:
+    return loader(path.read_text(encoding="utf-8")) or {} if path.is_file() else {}
+
+
+def _metric_lines(train_report: dict, evaluation: dict) -> list[str]:
+    lines = []
+    names = {
+        "all_correct": "shapes adherence, all of colour, shape and background correct",
+        "color_accuracy": "colour correct",
+        "shape_accuracy": "shape correct",
+        "background_accuracy": "background correct",
+        "digit_accuracy": "digit accuracy",
+        "clip_score": "CLIP score",
+        "psnr": "VAE PSNR (dB)",
+    }
+    for key, label in names.items():
+        if isinstance(evaluation.get(key), (int, float)):
+            lines.append(f"| {label} | {evaluation[key]:.4g} |")
+    for stage in ("vae", "clip", "unet"):
+        info = train_report.get(stage)
+        if isinstance(info, dict) and "steps" in info:
+            lines.append(f"| {stage} training | {info['steps']} steps, {info.get('minutes', '?')} min |")
+    return lines
+
+
+def model_card(model_dir: str | Path, repo_id: str, license: str = "apache-2.0", grid: str | None = None) -> str:
+    """The README.md of the Hub repository for ``model_dir`` (a pipeline or LoRA folder).
+
+    The run folder around it (``model_dir/..``), when there is one, supplies the resolved
+    training config, the metrics and the base model of a fine-tune.
+
+    Args:
+        repo_id: the repository the usage snippet loads from.
+        grid: the repository path of a sample grid to show, if one is uploaded.
+    """
+    model_dir = Path(model_dir)
+    kind = _kind(model_dir)
+    run = model_dir.parent
+    config = _read(run / "config.yaml", yaml.safe_load)
+    report = _read(run / "train_report.json", json.loads)
+    evaluation = _read(run / "eval.json", json.loads)
+    base_model = config.get("pretrained") or (config.get("unet") or {}).get("pretrained")
+    data = config.get("data") or {}
+    dataset = data.get("source") or data.get("name")
+    tags = ["text-to-image", "diffusers", "latent-diffusion", "ldm-pipeline"]
+    if kind == "lora":
+        tags.append("lora")
+    card = ModelCardData(
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        license=license,
+        tags=tags,
+        base_model=base_model if base_model and "/" in base_model and not os.path.exists(base_model) else None,
+        datasets=[dataset] if dataset and "/" in dataset and not os.path.exists(dataset) else None,
+    )
+    if kind == "lora":
+        base = base_model or "<the base pipeline>"
+        usage = (
+            "from diffusers import StableDiffusionPipeline\n\n"
+            f'pipe = StableDiffusionPipeline.from_pretrained("{base}")\n'
+            f'pipe.load_lora_weights("{repo_id}")\n'
+            'image = pipe("your prompt").images[0]'
+        )
+        what = f"LoRA adapters for `{base}`, trained with ldm-pipeline."
+    else:
+        usage = (
+            "from diffusers import StableDiffusionPipeline\n\n"
+            f'pipe = StableDiffusionPipeline.from_pretrained("{repo_id}", safety_checker=None)\n'
+            'image = pipe("a red circle on a white background", guidance_scale=2.5).images[0]\n\n'
+            "# or with ldm-pipeline: LatentDiffusionPipeline.from_pretrained(...), `ldm generate --model ...`"
+        )
+        origin = f"fine-tuned from `{base_model}`" if base_model else "trained from zero"
+        what = f"A latent diffusion text-to-image pipeline ({origin}) made with ldm-pipeline."
+    sections = [f"---\n{card.to_yaml()}\n---", f"# {repo_id.split('/')[-1]}", what]
+    if grid:
+        sections.append(f"![samples]({grid})")
+    sections.append(f"## Use it\n\n```python\n{usage}\n```")
+    metrics = _metric_lines(report, evaluation)
+    if metrics:
+        sections.append("## Evaluation\n\n| measure | value |\n| --- | --- |\n" + "\n".join(metrics))
+    if config:
+        resolved = yaml.safe_dump(config, sort_keys=False).strip()
+        sections.append(f"## How it was trained\n\nThe resolved training config:\n\n```yaml\n{resolved}\n```")
+    return "\n\n".join(sections) + "\n"
+
+
+def push(
+    model_dir: str | Path,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    license: str = "apache-2.0",
+    commit_message: str = "Upload model with ldm-pipeline",
+) -> str:
+    """Upload a pipeline or LoRA folder with its model card; returns the commit URL.
+
+    Only safetensors weights, JSON configs, tokenizer files and images are uploaded; a folder
+    holding pickle weights is refused. A ``grid.png`` beside the model (in the run folder) is
+    uploaded and shown on the card.
+
+    Raises:
+        HubError: not a model folder, or it holds pickle weights.
+    """
+    model_dir = Path(model_dir)
+    _kind(model_dir)
+    files = [p for p in sorted(model_dir.rglob("*")) if p.is_file()]
+    pickles = [str(p.relative_to(model_dir)) for p in files if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise HubError(f"{model_dir} holds pickle weights {pickles[:5]}: convert them to safetensors first")
+    grid = model_dir.parent / "grid.png"
+    with tempfile.TemporaryDirectory() as staging:
+        staging_dir = Path(staging)
+        for path in files:
+            if path.suffix in UPLOAD_SUFFIXES and path.name != "README.md":
+                target = staging_dir / path.relative_to(model_dir)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
+        if grid.is_file():
+            shutil.copy2(grid, staging_dir / "grid.png")
+        card = model_card(model_dir, repo_id, license, "grid.png" if grid.is_file() else None)
+        (staging_dir / "README.md").write_text(card, encoding="utf-8")
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(
+            folder_path=staging_dir, repo_id=repo_id, repo_type="model", commit_message=commit_message
+        )
+    return str(getattr(info, "commit_url", info))
