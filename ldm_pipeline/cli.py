@@ -164,6 +164,29 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def _add_app(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("app", help="serve a web page to try a pipeline (Gradio)")
+    p.add_argument("--model", required=True, help="pipeline folder or Hub id")
+    p.add_argument("--port", type=_positive_int, default=7860)
+    p.add_argument("--host", default="127.0.0.1", help="default: this machine only; 0.0.0.0 to serve the network")
+    p.add_argument(
+        "--allow-pickle", action="store_true", help="also load pickle (.bin) weights: only if you trust them"
+    )
+    p.set_defaults(func=_app)
+
+
+def _app(args: argparse.Namespace) -> None:
+    try:
+        import gradio  # noqa: F401
+    except ImportError as err:
+        raise ValueError('the app needs Gradio: pip install "ldm-pipeline[app]"') from err
+    from .app import build_app
+    from .loading import load_pipeline
+
+    pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
+    build_app(pipe, title=f"ldm-pipeline: {args.model}").queue().launch(server_name=args.host, server_port=args.port)
+
+
 def _add_push(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("push", help="upload a pipeline or LoRA folder to the Hugging Face Hub with a model card")
     p.add_argument("--model", type=Path, required=True, help="pipeline folder (or LoRA folder) to upload")
@@ -248,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_export(sub)
     _add_push(sub)
+    _add_app(sub)
     return parser
 
 
