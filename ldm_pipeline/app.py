@@ -94,7 +94,7 @@ def build_app(pipe: LatentDiffusionPipeline, title: str = "ldm-pipeline"):
                 num_images,
                 width,
                 height,
-                on_step=lambda done, total: progress(done / total, desc=f"step {done} of {total}"),
+                on_step=lambda done, total: progress(min(done / total, 1.0), desc=f"evaluation {done}"),
             )
         except ValueError as err:
             raise gr.Error(str(err)) from err

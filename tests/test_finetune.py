@@ -170,3 +170,18 @@ def test_full_finetune_can_train_the_text_encoder_too(tiny_dir, user_folder, tmp
     changed = [k for k, v in tuned.text_encoder.state_dict().items() if not torch.equal(v, before[k])]
     assert changed
     assert not list((tmp_path / "cache").glob("texts-*"))  # embeddings are computed each step, not cached
+
+
+def test_a_pretrained_model_with_another_prediction_type_is_not_silently_retargeted(tiny_dir, user_folder, tmp_path):
+    import shutil
+
+    base = tmp_path / "vpred"
+    shutil.copytree(tiny_dir, base)
+    config_path = base / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
+    with pytest.raises(ValueError, match="predicts 'v_prediction': set unet.prediction_type: v_prediction"):
+        train(_config(base, user_folder), tmp_path / "run")
+    report = train(_config(base, user_folder, prediction_type="v_prediction"), tmp_path / "run2")
+    tuned = LatentDiffusionPipeline.from_pretrained(tmp_path / "run2" / "pipeline")
+    assert report["unet"]["steps"] == 3 and tuned.scheduler.config.prediction_type == "v_prediction"

@@ -40,8 +40,9 @@ class DataConfig:
     caption_column: str | None = None
     image_column: str | None = None
     split: str = "train"
-    # Built-in: images drawn; source: the first N rows (None: all).
-    num_samples: int | None = 20_000
+    # Built-in: images drawn (None: 20,000 shapes, all 5,000 digits); source: the first N rows
+    # (None: all of them).
+    num_samples: int | None = None
     # None: the model preset's (or the pretrained UNet's) resolution.
     resolution: int | None = None
     seed: int = 0
@@ -308,6 +309,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         )
     _positive(cfg.data, "data", ("num_samples",))
     d = cfg.data
+    if d.num_samples is None and d.source is None and d.name == "shapes":
+        d.num_samples = 20_000
     if d.holdout is None:
         d.holdout = 256 if d.source is None else 0
     if d.holdout < 0:

@@ -56,7 +56,8 @@ from .objectives import (
     zero_terminal_snr_config,
 )
 
-# The scheduler config keys that define the forward process (the rest are solver settings).
+# The scheduler config keys that define the forward process and the model's target (the rest
+# are solver settings).
 _SCHEDULE_KEYS = (
     "num_train_timesteps",
     "beta_start",
@@ -65,6 +66,7 @@ _SCHEDULE_KEYS = (
     "trained_betas",
     "timestep_spacing",
     "rescale_betas_zero_snr",
+    "prediction_type",
 )
 
 
@@ -78,7 +80,7 @@ def _part(out: Path, name: str, pretrained: str | None, cls: type, stage: str, a
 
 
 def pretrained_schedule(source: str | None) -> dict:
-    """The forward-process settings of a pretrained pipeline's scheduler ({} when it has none)."""
+    """The forward-process settings (and prediction type) of a pretrained pipeline's scheduler ({} when it has none)."""
     if not source:
         return {}
     if os.path.isdir(source):
@@ -181,9 +183,16 @@ def sampling_scheduler(cfg: RunConfig):
     from its config, so both use one noise schedule (a pretrained model's own, when given)."""
     preset = get_preset(cfg.model)
     c = cfg.unet
+    pretrained = pretrained_schedule(c.pretrained)
+    predicts = pretrained.pop("prediction_type", c.prediction_type)
+    if predicts != c.prediction_type:
+        raise ValueError(
+            f"unet.prediction_type is {c.prediction_type!r} but the pretrained model {c.pretrained} predicts "
+            f"{predicts!r}: set unet.prediction_type: {predicts}"
+        )
     schedule = {
         **preset.scheduler,
-        **pretrained_schedule(c.pretrained),
+        **pretrained,
         **(zero_terminal_snr_config() if c.zero_terminal_snr else {}),
     }
     return build_scheduler(dataclasses.replace(preset, prediction_type=c.prediction_type, scheduler=schedule))
