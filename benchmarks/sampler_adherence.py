@@ -28,10 +28,11 @@ DEFAULT_GRID = [
     *[("unipc", "unipc", {}, s) for s in (10, 20)],
     *[("dpm++3m", "dpm++3m", {}, s) for s in (10, 20)],
     *[("ddim", "ddim", {}, s) for s in (20, 50)],
-    *[("euler-a", "euler-a", {}, s) for s in (20, 50)],
+    *[("heun", "heun", {}, s) for s in (10,)],
+    *[("euler-a", "euler-a", {}, s) for s in (10, 20, 50)],
     *[("dpm++sde", "dpm++sde", {}, s) for s in (20,)],
-    *[("ddpm", "ddpm", {}, s) for s in (20, 50)],
-    *[(f"pc-langevin snr {snr}", "pc-langevin", {"snr": snr}, s) for snr in (0.05, 0.1) for s in (10, 25)],
+    *[("ddpm", "ddpm", {}, s) for s in (10, 20, 50)],
+    *[(f"pc-langevin snr {snr}", "pc-langevin", {"snr": snr}, s) for snr in (0.05, 0.1) for s in (5, 10, 25)],
 ]
 
 

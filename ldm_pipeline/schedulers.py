@@ -140,8 +140,10 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpm++3m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 3}),
     "dpm++sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    "ddim": (DDIMScheduler, {}),
-    "ddpm": (DDPMScheduler, {}),
+    # Latents are not images in [-1, 1]: no clipping of the predicted sample (diffusers' DDIM and
+    # DDPM clip by default; Stable Diffusion's configs turn it off, as here).
+    "ddim": (DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": False}),
+    "ddpm": (DDPMScheduler, {"clip_sample": False}),
     "euler": (EulerDiscreteScheduler, {}),
     "euler-a": (EulerAncestralDiscreteScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),

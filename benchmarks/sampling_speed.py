@@ -1,0 +1,99 @@
+"""Sampling speed of LatentDiffusionPipeline against stock StableDiffusionPipeline on the same folder.
+
+Both pipelines load the same saved folder (the same weights and scheduler). Each case times
+``--repeats`` calls per batch size after one warm-up call, alternating the two pipelines so that
+they share the machine's noise, and reports the median images per second and the ratio:
+
+- ``defaults``: what one line of code gives each (ours: 20 steps, guidance 2.5; stock: 50 steps,
+  guidance 7.5), with the shapes adherence each reaches at those defaults (``--quality-samples``);
+- ``fp32``: both in fp32 at ``--steps`` steps and guidance 2.5;
+- ``bf16``: both loaded with ``torch_dtype=torch.bfloat16``, same steps and guidance.
+
+Usage::
+
+    python benchmarks/sampling_speed.py --model runs/quickstart/pipeline --out benchmarks/results/sampling-speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from ldm_pipeline.evaluation import evaluate
+from ldm_pipeline.loading import load_pipeline
+
+PROMPT = "a red circle on a white background"
+
+
+def _load(model: Path, dtype: torch.dtype | None):
+    ours = load_pipeline(model, torch_dtype=dtype)
+    stock = StableDiffusionPipeline.from_pretrained(
+        model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+    )
+    for pipe in (ours, stock):
+        pipe.set_progress_bar_config(disable=True)
+    stock.default_size = ours.default_size  # the evaluator asks the pipeline for its image size
+    return ours, stock
+
+
+def _time(pipes: dict, kwargs: dict, batch: int, repeats: int) -> dict[str, float]:
+    """Median images per second of each pipeline, calls alternating."""
+    seconds: dict[str, list[float]] = {name: [] for name in pipes}
+    for name, pipe in pipes.items():  # warm-up
+        pipe([PROMPT] * batch, generator=torch.Generator().manual_seed(0), **kwargs[name])
+    for r in range(repeats):
+        for name, pipe in pipes.items():
+            start = time.perf_counter()
+            pipe([PROMPT] * batch, generator=torch.Generator().manual_seed(r), **kwargs[name])
+            seconds[name].append(time.perf_counter() - start)
+    return {name: batch / statistics.median(values) for name, values in seconds.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quality-samples", type=int, default=200, help="0 skips the adherence check")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    results: dict = {"model": str(args.model), "steps": args.steps, "threads": torch.get_num_threads(), "cases": {}}
+    same = {"num_inference_steps": args.steps, "guidance_scale": 2.5}
+    cases = {
+        "defaults": (None, {"ours": {}, "stock": {}}),
+        "fp32": (None, {"ours": same, "stock": same}),
+        "bf16": (torch.bfloat16, {"ours": same, "stock": same}),
+    }
+    for case, (dtype, kwargs) in cases.items():
+        ours, stock = _load(args.model, dtype)
+        rows = {}
+        for batch in args.batch_sizes:
+            speed = _time({"ours": ours, "stock": stock}, kwargs, batch, args.repeats)
+            rows[f"batch {batch}"] = {
+                "ours_images_per_s": round(speed["ours"], 2),
+                "stock_images_per_s": round(speed["stock"], 2),
+                "speedup": round(speed["ours"] / speed["stock"], 3),
+            }
+            print(case, f"batch {batch}", rows[f"batch {batch}"], flush=True)
+        entry: dict = {"call_kwargs": kwargs, "results": rows}
+        if args.quality_samples:
+            for name, pipe in (("ours", ours), ("stock", stock)):
+                metrics, _ = evaluate(pipe, "shapes", args.quality_samples, seed=1, **kwargs[name])
+                entry[f"{name}_all_correct"] = metrics["all_correct"]
+            print(case, "adherence", entry["ours_all_correct"], entry["stock_all_correct"], flush=True)
+        results["cases"][case] = entry
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
