@@ -36,6 +36,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=_positive_int, default=None, help="default: the model's size")
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="default: the model's own")
     p.add_argument("--out", type=Path, required=True, help="PNG path; with several images, a grid")
+    p.add_argument("--lora", type=Path, default=None, help="a LoRA folder to load on top (pipe.load_lora_weights)")
     p.add_argument(
         "--allow-pickle", action="store_true", help="also load pickle (.bin) weights: only if you trust them"
     )
@@ -57,6 +58,10 @@ def _generate(args: argparse.Namespace) -> None:
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
+    if args.lora is not None:
+        if not (args.lora / "pytorch_lora_weights.safetensors").is_file():
+            raise ValueError(f"--lora {args.lora}: no pytorch_lora_weights.safetensors in it")
+        pipe.load_lora_weights(args.lora)
     if args.scheduler:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     images = pipe(
@@ -102,7 +107,9 @@ def _train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     report = train(cfg, args.output, args.stage, resume=args.resume, force_resume=args.force_resume)
     print(f"run folder: {args.output}")
-    if (args.output / "pipeline").is_dir() and "unet" in report:
+    if "lora" in report.get("unet", {}):
+        print(f"lora:     {report['unet']['lora']} (ldm generate --lora, or pipe.load_lora_weights)")
+    elif (args.output / "pipeline").is_dir() and "unet" in report:
         print(f"pipeline: {args.output / 'pipeline'}")
 
 

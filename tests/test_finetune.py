@@ -99,6 +99,9 @@ def test_lora_loads_in_stock_diffusers_with_the_same_images(tiny_dir, user_folde
     np.testing.assert_array_equal(_images(stock), with_lora)
     base = _images(LatentDiffusionPipeline.from_pretrained(tiny_dir))
     assert np.abs(with_lora - base).max() > 1e-3  # the adapters change the images
+    args = ["generate", "--model", str(tiny_dir), "--prompt", "a photo number 3", "--steps", "2"]
+    assert main([*args, "--lora", str(tmp_path / "lora"), "--out", str(tmp_path / "lora.png")]) == 0
+    assert main([*args, "--lora", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2  # not a LoRA folder
 
 
 def test_finetune_config_errors_name_the_problem(tiny_dir, tmp_path):
