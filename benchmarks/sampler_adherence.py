@@ -40,21 +40,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--num-samples", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=1, help="prompt and noise seed")
+    parser.add_argument("--schedulers", nargs="*", default=None, help="instead of the default grid: these names...")
+    parser.add_argument("--steps", type=int, nargs="*", default=[10, 20], help="...at these step counts")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    grid = DEFAULT_GRID if not args.schedulers else [(n, n, {}, s) for n in args.schedulers for s in args.steps]
 
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     own = pipe.scheduler
     rows = []
-    for label, name, extra, steps in DEFAULT_GRID:
+    for label, name, extra, steps in grid:
         pipe.scheduler = make_scheduler(name, own.config)
         if extra:
             pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **extra)
         pipe.scheduler.set_timesteps(steps)
         evaluations = len(pipe.scheduler.timesteps)
         start = time.monotonic()
-        metrics, _ = evaluate(pipe, "shapes", args.num_samples, seed=1, num_inference_steps=steps)
+        metrics, _ = evaluate(pipe, "shapes", args.num_samples, seed=args.seed, num_inference_steps=steps)
         seconds = time.monotonic() - start
         corrector = isinstance(pipe.scheduler, LangevinCorrectorScheduler)
         rows.append(
