@@ -7,7 +7,9 @@ they share the machine's noise, and reports the median images per second and the
 - ``defaults``: what one line of code gives each (ours: 20 steps, guidance 2.5; stock: 50 steps,
   guidance 7.5), with the shapes adherence each reaches at those defaults (``--quality-samples``);
 - ``fp32``: both in fp32 at ``--steps`` steps and guidance 2.5;
-- ``bf16``: both loaded with ``torch_dtype=torch.bfloat16``, same steps and guidance.
+- ``bf16``: both loaded with ``torch_dtype=torch.bfloat16``, same steps and guidance;
+- ``fp32_compiled`` (with ``--compile``): as ``fp32``, ours with ``pipe.unet.compile()`` (the
+  warm-up call pays the compilation, which is timed and reported apart).
 
 Usage::
 
@@ -62,6 +64,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quality-samples", type=int, default=200, help="0 skips the adherence check")
+    parser.add_argument("--compile", action="store_true", help="add the fp32 case with ours compiled")
+    parser.add_argument("--cases", nargs="*", default=None, help="run only these cases")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -73,8 +77,18 @@ def main() -> None:
         "fp32": (None, {"ours": same, "stock": same}),
         "bf16": (torch.bfloat16, {"ours": same, "stock": same}),
     }
+    if args.compile:
+        cases["fp32_compiled"] = (None, {"ours": same, "stock": same})
     for case, (dtype, kwargs) in cases.items():
+        if args.cases and case not in args.cases:
+            continue
         ours, stock = _load(args.model, dtype)
+        entry: dict = {"call_kwargs": kwargs}
+        if case == "fp32_compiled":
+            ours.unet.compile()
+            start = time.perf_counter()
+            ours(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs["ours"])
+            entry["compile_seconds"] = round(time.perf_counter() - start, 1)
         rows = {}
         for batch in args.batch_sizes:
             speed = _time({"ours": ours, "stock": stock}, kwargs, batch, args.repeats)
@@ -84,7 +98,7 @@ def main() -> None:
                 "speedup": round(speed["ours"] / speed["stock"], 3),
             }
             print(case, f"batch {batch}", rows[f"batch {batch}"], flush=True)
-        entry: dict = {"call_kwargs": kwargs, "results": rows}
+        entry["results"] = rows
         if args.quality_samples:
             for name, pipe in (("ours", ours), ("stock", stock)):
                 metrics, _ = evaluate(pipe, "shapes", args.quality_samples, seed=1, **kwargs[name])

@@ -176,6 +176,7 @@ def _add_app(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="pipeline folder or Hub id")
     p.add_argument("--port", type=_positive_int, default=7860)
     p.add_argument("--host", default="127.0.0.1", help="default: this machine only; 0.0.0.0 to serve the network")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first request, faster after)")
     p.add_argument(
         "--allow-pickle", action="store_true", help="also load pickle (.bin) weights: only if you trust them"
     )
@@ -191,6 +192,8 @@ def _app(args: argparse.Namespace) -> None:
     from .loading import load_pipeline
 
     pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
+    if args.compile:
+        pipe.unet.compile()
     build_app(pipe, title=f"ldm-pipeline: {args.model}").queue().launch(server_name=args.host, server_port=args.port)
 
 
