@@ -8,8 +8,12 @@ they share the machine's noise, and reports the median images per second and the
   guidance 7.5), with the shapes adherence each reaches at those defaults (``--quality-samples``);
 - ``fp32``: both in fp32 at ``--steps`` steps and guidance 2.5;
 - ``bf16``: both loaded with ``torch_dtype=torch.bfloat16``, same steps and guidance;
-- ``fp32_compiled`` (with ``--compile``): as ``fp32``, ours with ``pipe.unet.compile()`` (the
-  warm-up call pays the compilation, which is timed and reported apart).
+- ``fp32_compiled`` and ``bf16_compiled`` (with ``--compile``): as ``fp32`` and ``bf16``, ours
+  with ``pipe.unet.compile()`` (the warm-up call pays the compilation, which is timed and reported
+  apart).
+
+``--breakdown`` also times the parts of one of our fp32 calls at batch 1 (text encoder, UNet
+loop, VAE decode), the ceiling of what caching prompt embeddings could save.
 
 Usage::
 
@@ -57,6 +61,46 @@ def _time(pipes: dict, kwargs: dict, batch: int, repeats: int) -> dict[str, floa
     return {name: batch / statistics.median(values) for name, values in seconds.items()}
 
 
+def _breakdown(model: Path, steps: int, repeats: int) -> dict[str, float]:
+    """Median milliseconds of each part of one fp32 call at batch 1, timed with module hooks."""
+    ours = load_pipeline(model)
+    ours.set_progress_bar_config(disable=True)
+    spent: dict[str, float] = {}
+
+    def timed(name: str, module: torch.nn.Module) -> None:
+        def pre(*_):
+            spent[name + "_start"] = time.perf_counter()
+
+        def post(*_):
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - spent.pop(name + "_start")
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+
+    timed("text_encoder", ours.text_encoder)
+    timed("unet", ours.unet)
+    original_decode = ours.vae.decode
+
+    def decode(*a, **k):
+        start = time.perf_counter()
+        out = original_decode(*a, **k)
+        spent["vae_decode"] = spent.get("vae_decode", 0.0) + time.perf_counter() - start
+        return out
+
+    ours.vae.decode = decode
+    runs: list[dict[str, float]] = []
+    for r in range(repeats + 1):
+        spent.clear()
+        start = time.perf_counter()
+        ours(PROMPT, num_inference_steps=steps, generator=torch.Generator().manual_seed(r))
+        spent["total"] = time.perf_counter() - start
+        if r:  # the first call warms up
+            runs.append(dict(spent))
+    parts = {k: round(1000 * statistics.median(run[k] for run in runs), 1) for k in runs[0]}
+    parts["other"] = round(parts["total"] - parts["text_encoder"] - parts["unet"] - parts["vae_decode"], 1)
+    return parts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
@@ -66,6 +110,7 @@ def main() -> None:
     parser.add_argument("--quality-samples", type=int, default=200, help="0 skips the adherence check")
     parser.add_argument("--compile", action="store_true", help="add the fp32 case with ours compiled")
     parser.add_argument("--cases", nargs="*", default=None, help="run only these cases")
+    parser.add_argument("--breakdown", action="store_true", help="time the parts of one fp32 call")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -79,12 +124,13 @@ def main() -> None:
     }
     if args.compile:
         cases["fp32_compiled"] = (None, {"ours": same, "stock": same})
+        cases["bf16_compiled"] = (torch.bfloat16, {"ours": same, "stock": same})
     for case, (dtype, kwargs) in cases.items():
         if args.cases and case not in args.cases:
             continue
         ours, stock = _load(args.model, dtype)
         entry: dict = {"call_kwargs": kwargs}
-        if case == "fp32_compiled":
+        if case.endswith("_compiled"):
             ours.unet.compile()
             start = time.perf_counter()
             ours(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs["ours"])
@@ -105,6 +151,9 @@ def main() -> None:
                 entry[f"{name}_all_correct"] = metrics["all_correct"]
             print(case, "adherence", entry["ours_all_correct"], entry["stock_all_correct"], flush=True)
         results["cases"][case] = entry
+    if args.breakdown:
+        results["breakdown_batch_1"] = _breakdown(args.model, args.steps, args.repeats)
+        print("breakdown", results["breakdown_batch_1"], flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 
