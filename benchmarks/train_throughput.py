@@ -140,8 +140,8 @@ def run_ldm(preset_name: str, batch_size: int, steps: int) -> dict:
         )
         report = train(cfg, Path(out) / "run")
     return {
-        "seconds": report["unet"]["minutes"] * 60,
-        "cache_seconds": report["unet"]["cache_minutes"] * 60,
+        "seconds": report["unet"]["seconds"],
+        "cache_seconds": report["unet"]["cache_seconds"],
         "steps": steps,
         "mixed_precision": report["mixed_precision"],
     }

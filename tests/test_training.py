@@ -14,6 +14,7 @@ from training.config import ConfigError, StageConfig
 from training.loop import make_accelerator, make_optimizer, run_loop
 from training.quickstart import quickstart_config
 from training.run import train
+from training.unet import trained_modules
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +25,7 @@ def run_dir(tmp_path_factory):
         "unet.validation_every_steps=2",
         "unet.gradient_accumulation_steps=2",
         "unet.gradient_checkpointing=true",
+        "unet.memory_format=channels_last",  # the CUDA default; the CPU one is tested below
         "data.random_flip=true",
     ]
     report = train(quickstart_config(smoke=True, overrides=overrides), out)
@@ -199,3 +201,15 @@ def test_unet_objectives_train_and_configure_the_sampler(tmp_path, run_dir, over
     pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "pipeline")
     assert pipe.scheduler.config.prediction_type == cfg.unet.prediction_type
     assert pipe.scheduler.config.rescale_betas_zero_snr == cfg.unet.zero_terminal_snr
+
+
+@pytest.mark.parametrize(
+    "memory_format, channels_last",
+    [("channels_last", True), ("contiguous", False), ("auto", torch.cuda.is_available())],
+)
+def test_unet_memory_format(memory_format, channels_last):
+    cfg = quickstart_config(smoke=True, overrides=[f"unet.memory_format={memory_format}"])
+    weight = trained_modules(cfg, text_encoder=None).unet.conv_in.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) is channels_last
+    with pytest.raises(ConfigError, match="memory_format"):
+        quickstart_config(smoke=True, overrides=["unet.memory_format=nhwc"])
