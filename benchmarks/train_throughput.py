@@ -6,7 +6,7 @@ normalise) and tokenises the captions, runs the frozen VAE encoder and text enco
 UNet with an MSE loss on ε, AdamW (lr 1e-4, weight decay 1e-2), a constant LR schedule and
 gradient clipping at 1.0; no mixed precision, no EMA. ``ldm train``'s UNet stage runs its own
 loop on the same preset, data, batch and steps, with its defaults (cached latents and text
-embeddings, bf16 autocast where the CPU has AMX, fused AdamW, channels-last, EMA, min-SNR),
+embeddings, bf16 autocast where the CPU runs bf16 natively, fused AdamW, EMA, min-SNR),
 the VAE and text encoder given as ``pretrained`` parts; the one-off caching is timed apart.
 
 Each method runs in its own process (so peak memory is its own), alternating, ``--repeats``
@@ -16,6 +16,7 @@ UNet's achieved training FLOP/s as a share of this machine's measured bf16 matmu
 Usage::
 
     python benchmarks/train_throughput.py --steps 40 --repeats 3 --out benchmarks/results/train-throughput.json
+    python benchmarks/train_throughput.py --ldm-set unet.memory_format=channels_last   # ldm with an override
 """
 
 from __future__ import annotations
@@ -118,9 +119,10 @@ def run_diffusers_way(preset_name: str, batch_size: int, steps: int) -> dict:
     return {"seconds": seconds, "steps": steps, "mixed_precision": accelerator.mixed_precision}
 
 
-def run_ldm(preset_name: str, batch_size: int, steps: int) -> dict:
+def run_ldm(preset_name: str, batch_size: int, steps: int, overrides: list[str]) -> dict:
     """``ldm train``'s UNet stage on the preset's (untrained) VAE and text encoder given as
-    ``pretrained`` parts; ``seconds`` is its loop, ``cache_seconds`` its one-off encoding."""
+    ``pretrained`` parts, with ``overrides`` (``key=value``) on its defaults; ``seconds`` is its
+    loop, ``cache_seconds`` its one-off encoding."""
     from ldm_pipeline.presets import build_pipeline
     from training.config import config_from_dict
     from training.run import train
@@ -136,7 +138,8 @@ def run_ldm(preset_name: str, batch_size: int, steps: int) -> dict:
                 "vae": {"pretrained": str(Path(out) / "parts")},
                 "clip": {"pretrained": str(Path(out) / "parts")},
                 "unet": {"steps": steps, "batch_size": batch_size},
-            }
+            },
+            overrides,
         )
         report = train(cfg, Path(out) / "run")
     return {
@@ -183,13 +186,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--ldm-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for ldm's run, e.g. unet.memory_format=channels_last (repeatable)",
+    )
     parser.add_argument("--worker", choices=["ldm", "diffusers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     _register_models()
     if args.worker:
-        fn = run_ldm if args.worker == "ldm" else run_diffusers_way
-        result = fn(args.preset, args.batch_size, args.steps)
+        if args.worker == "ldm":
+            result = run_ldm(args.preset, args.batch_size, args.steps, args.ldm_set)
+        else:
+            result = run_diffusers_way(args.preset, args.batch_size, args.steps)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print("RESULT " + json.dumps(result))
         return
@@ -199,8 +211,12 @@ def main() -> None:
         for method in runs:
             cmd = [sys.executable, __file__, "--worker", method, "--preset", args.preset]
             cmd += ["--batch-size", str(args.batch_size), "--steps", str(args.steps)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            result = json.loads(out.split("RESULT ", 1)[1])
+            cmd += [f"--ldm-set={kv}" for kv in args.ldm_set]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+                sys.exit(f"train_throughput.py: the {method} run failed (exit {done.returncode}):\n{tail}")
+            result = json.loads(done.stdout.split("RESULT ", 1)[1])
             result["samples_per_second"] = result["steps"] * args.batch_size / result["seconds"]
             runs[method].append(result)
             print(method, {k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}, flush=True)
@@ -215,6 +231,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "steps": args.steps,
         "repeats": args.repeats,
+        "ldm_overrides": args.ldm_set,
         "samples_per_second": {m: median(m, "samples_per_second") for m in runs},
         "speedup": median("ldm", "samples_per_second") / median("diffusers", "samples_per_second"),
         # With the one-off latent and text caching counted in ldm's time (these steps, this data).

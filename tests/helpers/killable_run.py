@@ -29,6 +29,8 @@ OVERRIDES = [
     "clip.checkpoint_every=2",
     "unet.checkpoint_every=2",
     "unet.checkpoint_keep=2",
+    # The CUDA default, and the harder case for restoring optimiser moments (their layout).
+    "unet.memory_format=channels_last",
 ]
 
 
