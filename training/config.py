@@ -157,7 +157,7 @@ class UNetConfig(StageConfig):
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     gradient_checkpointing: bool = False
-    # UNet weights and inputs in channels-last layout. "auto": on CUDA only; on the CPUs measured
+    # UNet weights and inputs in channels-last layout. "auto": on CUDA only; on the CPU measured
     # it slowed training (benchmarks/README.md, train_throughput section).
     memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
     # Also train the text encoder (its embeddings are then computed each step, not cached).
