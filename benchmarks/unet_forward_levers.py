@@ -9,7 +9,10 @@ One process holds the saved UNet several ways and times one forward of each at t
 - ``prepacked_conv``: every ``Conv2d`` calls oneDNN with its weight reordered once, up front
   (``torch.ops.mkldnn._reorder_convolution_weight`` / ``_convolution_pointwise``, the ops
   inductor's ``freezing`` uses), instead of reordering it on every call;
-- ``prepacked_conv_linear``: the same, and every ``Linear`` through ``_linear_pointwise``.
+- ``prepacked_conv_linear``: the same, and every ``Linear`` through ``_linear_pointwise``;
+- ``traced``: the forward recorded once by ``torch.jit.trace`` and replayed (the same aten ops
+  without the Python around them), as the pipeline does from a shape's second call
+  (``ldm_pipeline/tracing.py``).
 
 Each variant's largest difference from ``eager``'s output is reported too, so a lever that changes
 the result shows it. Usage::
@@ -29,6 +32,8 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
+
+from ldm_pipeline.tracing import trace_unet
 
 
 def _prepack(unet: UNet2DConditionModel, linear: bool) -> UNet2DConditionModel:
@@ -51,6 +56,13 @@ def _prepack(unet: UNet2DConditionModel, linear: bool) -> UNet2DConditionModel:
 
             module.forward = dense
     return unet
+
+
+class _Output:
+    """What a UNet returns, for the traced variant (which returns the tensor itself)."""
+
+    def __init__(self, sample: torch.Tensor):
+        self.sample = sample
 
 
 def main() -> None:
@@ -82,6 +94,9 @@ def main() -> None:
         "prepacked_conv": (_prepack(base, linear=False), x, torch.no_grad),
         "prepacked_conv_linear": (_prepack(base, linear=True), x, torch.no_grad),
     }
+    with torch.no_grad():
+        traced = trace_unet(base, x, t, cond)
+    variants["traced"] = (lambda sample, *args, **kwargs: _Output(traced(sample, *args, **kwargs)), x, torch.no_grad)
     with torch.no_grad():
         reference = base(x, t, encoder_hidden_states=cond).sample
     max_diff, times = {}, {name: [] for name in variants}

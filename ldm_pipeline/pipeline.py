@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .tokenizer import token_ids
+from .tracing import UNetTraces
 
 logger = logging.get_logger(__name__)
 
@@ -87,6 +88,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self._unet_traces = UNetTraces()
+        self._unet_tracing = True
 
     @property
     def default_size(self) -> int:
@@ -97,6 +100,21 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
     def interrupt(self) -> bool:
         """Set ``pipe._interrupt = True`` in a step-end callback to stop the denoising loop."""
         return self._interrupt
+
+    def enable_unet_tracing(self) -> None:
+        """Replay a traced UNet forward on the CPU for shapes met in an earlier call (the default).
+
+        The trace runs the same kernels on the same weights, so images are unchanged (each trace is
+        checked against an eager forward when made); it skips Python's per-module cost, which
+        dominates small UNets on a CPU. A UNet with adapters, hooks, custom attention processors,
+        FreeU, ``compile()`` or in training mode always runs eagerly. See ``ldm_pipeline/tracing.py``.
+        """
+        self._unet_tracing = True
+
+    def disable_unet_tracing(self) -> None:
+        """Run the UNet eagerly in every call, and drop the traces made so far."""
+        self._unet_tracing = False
+        self._unet_traces.clear()
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """Save in the Stable Diffusion folder layout (safetensors + JSON).
@@ -349,14 +367,15 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         step_params = inspect.signature(self.scheduler.step).parameters
         extra_step_kwargs = {"generator": generator} if "generator" in step_params else {}
 
-        # 7. Denoising loop.
+        # 7. Denoising loop. On the CPU the UNet forward may replay a trace (`enable_unet_tracing`).
+        unet_forward = self._unet_traces.runner(self.unet, enabled=self._unet_tracing)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     break
                 model_input = torch.cat([latents] * 2) if do_cfg else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
-                noise_pred = self.unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+                noise_pred = unet_forward(model_input, t, embeds)
                 if do_cfg:
                     noise_uncond, noise_text = noise_pred.chunk(2)
                     noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
