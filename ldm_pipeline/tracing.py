@@ -116,6 +116,10 @@ class UNetTraces:
         and replayed. With ``enabled`` false, or a UNet not in a plain state, every call is eager.
         """
         signature = plain_signature(unet) if enabled else None
+        # A trace holds its UNet's weights: keep only those of the UNet as it is now.
+        for key in [k for k in self._traces if k[0] != signature]:
+            del self._traces[key]
+        self._seen = {k for k in self._seen if k[0] == signature}
         new_this_call: set[Hashable] = set()
 
         def eager(sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:

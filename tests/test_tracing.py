@@ -81,6 +81,14 @@ def test_replaced_parameter_or_dtype_makes_a_new_key(pipe):
     assert plain_signature(pipe.unet) not in (before, after)
 
 
+def test_traces_of_a_replaced_unet_are_dropped(pipe):
+    _images(pipe), _images(pipe)
+    assert len(pipe._unet_traces) == 1
+    pipe.unet = type(pipe.unet).from_config(pipe.unet.config).eval()
+    _images(pipe)
+    assert len(pipe._unet_traces) == 0  # the old UNet's weights are no longer held
+
+
 @pytest.mark.parametrize(
     "change",
     [
