@@ -51,6 +51,14 @@ def test_new_shapes_get_their_own_trace_and_disable_drops_them(pipe):
     assert len(pipe._unet_traces) == 1
 
 
+def test_calls_under_inference_mode(pipe):
+    with torch.inference_mode():
+        first, second = _images(pipe), _images(pipe)
+    assert len(pipe._unet_traces) == 1
+    np.testing.assert_array_equal(second, first)
+    np.testing.assert_array_equal(_images(pipe), first)  # the trace made there also runs outside it
+
+
 def test_autocast_runs_eagerly(pipe, caplog):
     _images(pipe), _images(pipe)
     with torch.autocast("cpu", dtype=torch.bfloat16), caplog.at_level(logging.WARNING):
