@@ -107,7 +107,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         The trace runs the same kernels on the same weights, so images are unchanged (each trace is
         checked against an eager forward when made); it skips Python's per-module cost, which
         dominates small UNets on a CPU. A UNet with adapters, hooks, custom attention processors,
-        FreeU, ``compile()`` or in training mode always runs eagerly. See ``ldm_pipeline/tracing.py``.
+        FreeU or ``compile()``, in training mode, under autocast or off the CPU always runs eagerly.
+        See ``ldm_pipeline/tracing.py``.
         """
         self._unet_tracing = True
 
