@@ -121,9 +121,7 @@ class UNetTraces:
             del self._traces[key]
         self._seen = {k for k in self._seen if k[0] == signature}
         new_this_call: set[Hashable] = set()
-
-        def eager(sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-            return unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        eager = _UNetCall(unet)
 
         def run(sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
             # Under autocast a trace would hold the cast weights as constants, blind to weight updates.
@@ -141,7 +139,7 @@ class UNetTraces:
                     self._seen.add(key)
                     new_this_call.add(key)
                     return eager(sample, timestep, encoder_hidden_states)
-                traced = self._trace(unet, key, sample, timestep, encoder_hidden_states)
+                traced = self._trace(eager, key, sample, timestep, encoder_hidden_states)
                 if traced is None:
                     return eager(sample, timestep, encoder_hidden_states)
             self._traces.move_to_end(key)
@@ -151,7 +149,7 @@ class UNetTraces:
 
     def _trace(
         self,
-        unet: UNet2DConditionModel,
+        eager: _UNetCall,
         key: Hashable,
         sample: torch.Tensor,
         timestep: torch.Tensor,
@@ -160,8 +158,8 @@ class UNetTraces:
         """Trace the forward for these inputs; ``None`` (and the key stays eager) unless it is exact."""
         inputs = (sample, timestep, encoder_hidden_states)
         try:
-            traced = trace_unet(unet, *inputs)
-            exact = torch.equal(traced(*inputs), _UNetCall(unet)(*inputs))
+            traced = trace_unet(eager.unet, *inputs)
+            exact = torch.equal(traced(*inputs), eager(*inputs))
         except Exception as err:  # noqa: BLE001 (any failure to trace leaves the eager forward, which works)
             logger.warning(f"UNet tracing failed, sampling eagerly: {type(err).__name__}: {err}")
             exact, traced = False, None
