@@ -10,8 +10,9 @@ embeddings, bf16 autocast where the CPU runs bf16 natively, fused AdamW, EMA, mi
 the VAE and text encoder given as ``pretrained`` parts; the one-off caching is timed apart.
 
 Each method runs in its own process (so peak memory is its own), alternating, ``--repeats``
-times; the report gives median samples per second, their ratio, peak resident memory and the
-UNet's achieved training FLOP/s as a share of this machine's measured bf16 matmul peak.
+times; the report gives median samples per second, their ratio (and the median of each repeat's
+ratio), peak resident memory and the UNet's achieved training FLOP/s as a share of this machine's
+measured bf16 matmul peak.
 
 Usage::
 
@@ -206,6 +207,8 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
 
+    # This machine is shared: the peak is measured before and after the runs and the higher kept.
+    peak_before = {dtype: matmul_peak(dtype) for dtype in (torch.bfloat16, torch.float32)}
     runs: dict[str, list[dict]] = {"ldm": [], "diffusers": []}
     for _ in range(args.repeats):
         for method in runs:
@@ -225,7 +228,11 @@ def main() -> None:
         return statistics.median(r[key] for r in runs[method])
 
     flops_per_step = unet_training_flops(args.preset, args.batch_size)
-    peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
+    peak_bf16, peak_fp32 = (max(peak_before[d], matmul_peak(d)) for d in (torch.bfloat16, torch.float32))
+    pair_ratios = [
+        ours["samples_per_second"] / theirs["samples_per_second"]
+        for ours, theirs in zip(runs["ldm"], runs["diffusers"], strict=True)
+    ]
     report = {
         "preset": args.preset,
         "batch_size": args.batch_size,
@@ -234,6 +241,9 @@ def main() -> None:
         "ldm_overrides": args.ldm_set,
         "samples_per_second": {m: median(m, "samples_per_second") for m in runs},
         "speedup": median("ldm", "samples_per_second") / median("diffusers", "samples_per_second"),
+        # Each repeat's two runs ran back to back: the median of their ratios is less moved by drift.
+        "speedup_median_of_pairs": statistics.median(pair_ratios),
+        "speedup_pairs": pair_ratios,
         # With the one-off latent and text caching counted in ldm's time (these steps, this data).
         "speedup_with_cache_time": median("diffusers", "seconds")
         / statistics.median(r["seconds"] + r["cache_seconds"] for r in runs["ldm"]),

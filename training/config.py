@@ -160,6 +160,9 @@ class UNetConfig(StageConfig):
     # UNet weights and inputs in channels-last layout. "auto": on CUDA only; on the CPU measured
     # it slowed training (benchmarks/README.md, train_throughput section).
     memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
+    # "auto": attention over short sequences in fp32 on the CPU, where PyTorch's bf16 flash kernel
+    # is slow (ldm_pipeline/attention.py); "sdpa": diffusers' default processor everywhere.
+    attention: Literal["auto", "sdpa"] = "auto"
     # Also train the text encoder (its embeddings are then computed each step, not cached).
     train_text_encoder: bool = False
     # Train LoRA adapters (saved to <output>/lora, loadable by pipe.load_lora_weights) instead of

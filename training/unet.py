@@ -27,6 +27,7 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ldm_pipeline.attention import use_cpu_attention
 from ldm_pipeline.images import image_grid
 from ldm_pipeline.loading import load_component
 from ldm_pipeline.pipeline import LatentDiffusionPipeline
@@ -176,6 +177,8 @@ def trained_modules(cfg: RunConfig, text_encoder: CLIPTextModel) -> Denoiser:
         unet = unet.to(memory_format=torch.channels_last)
     if c.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if c.attention == "auto":
+        use_cpu_attention(unet)
     if c.lora is not None:
         add_lora(unet, c.lora, c.lora.target_modules)
     trained_text_encoder = None
@@ -247,7 +250,8 @@ def train_unet(
     channels_last = uses_channels_last(c.memory_format)
     sampler = sampling_scheduler(cfg)
     noise_scheduler = DDPMScheduler.from_config(sampler.config)
-    ema = EMAModel(trainable(model), decay=c.ema_decay)
+    # foreach: one fused update over all parameters instead of three ops and a Python check per parameter.
+    ema = EMAModel(trainable(model), decay=c.ema_decay, foreach=True)
     optimizer = make_optimizer(trainable(model), c)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
