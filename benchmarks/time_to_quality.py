@@ -30,6 +30,7 @@ from training.run import train
 VARIANTS = {
     "defaults": [],
     "fp32": ["mixed_precision=no"],
+    "sdpa_attention": ["unet.attention=sdpa"],
     "no_min_snr": ["unet.min_snr_gamma=null"],
     "v_prediction": ["unet.prediction_type=v_prediction"],
     "batch32": ["unet.batch_size=32"],

@@ -1,10 +1,11 @@
 """Attention for CPUs, where PyTorch's bf16 flash-attention kernel is slow on short sequences.
 
 On this project's 2-core AMD EPYC (AVX-512 BF16), `F.scaled_dot_product_attention` on bf16
-inputs ran its flash kernel up to 5x slower (forward + backward) than the same call on inputs
-cast to fp32, for 4 to 256 queries over 4 to 256 keys and for 1,024 over 77; from 512 over 512 up
-it was level or faster (`benchmarks/attention_kernels.py`, two runs). A UNet under bf16 autocast at 8x8 or 16x16
-latents attends over 4-256 positions, and its training step spent a third of its time there.
+inputs ran its flash kernel (forward + backward) 1.5-4.2x slower than the same call on inputs cast
+to fp32 over 4-64 positions with 16-dim heads (a quick-start UNet's at batch 64) and 1.9x slower
+at 256 x 256; 1.0-1.2x at 256 x 256 with 40-dim heads and at 1,024 x 77 queries x keys; level at
+512 x 512; and faster from 1,024 x 1,024 up (`benchmarks/attention_kernels.py`). The quick-start
+UNet's training step under bf16 autocast spent a third of its time there.
 `CPUAttnProcessor` runs those calls in fp32 and leaves the rest as diffusers' `AttnProcessor2_0`
 runs them.
 """
@@ -15,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-# Query length x key length up to which the fp32 kernel measured faster (256 x 256 and 1,024 x 77
-# did; 512 x 512 did not).
+# Query length x key length up to which the fp32 kernel measured faster or level (256 x 256 and
+# 1,024 x 77 are in; 512 x 512, 0.89-1.03x over three runs, is not).
 FP32_UP_TO = 128 * 1024
 
 
