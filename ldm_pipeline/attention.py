@@ -5,7 +5,7 @@ inputs ran its flash kernel (forward + backward) 1.5-4.2x slower than the same c
 to fp32 over 4-64 positions with 16-dim heads (a quick-start UNet's at batch 64) and 1.9x slower
 at 256 x 256; 1.0-1.2x at 256 x 256 with 40-dim heads and at 1,024 x 77 queries x keys; level at
 512 x 512; and faster from 1,024 x 1,024 up (`benchmarks/attention_kernels.py`). The quick-start
-UNet's training step under bf16 autocast spent a third of its time there.
+UNet's training step under bf16 autocast spent 30% of its time there (torch.profiler).
 `CPUAttnProcessor` runs those calls in fp32 and leaves the rest as diffusers' `AttnProcessor2_0`
 runs them.
 """
