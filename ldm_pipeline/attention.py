@@ -26,8 +26,8 @@ class CPUAttnProcessor(AttnProcessor2_0):
     `FP32_UP_TO` query x key positions is computed in fp32 (then cast back).
 
     Only the attention product changes precision; the projections run as before (under autocast
-    in bf16). Calls with a mask, spatial or group norm, cross norm or q/k norms go to
-    `AttnProcessor2_0` unchanged.
+    in bf16). Calls on 4-D feature maps, or with a mask, spatial or group norm, cross norm or q/k
+    norms go to `AttnProcessor2_0` unchanged.
     """
 
     def __call__(
