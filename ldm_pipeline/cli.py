@@ -102,7 +102,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from training.config import load_config
-    from training.run import train
+    from training.run import quality_summary, train
 
     cfg = load_config(args.config, args.overrides)
     report = train(cfg, args.output, args.stage, resume=args.resume, force_resume=args.force_resume)
@@ -111,6 +111,8 @@ def _train(args: argparse.Namespace) -> None:
         print(f"lora:     {report['unet']['lora']} (ldm generate --lora, or pipe.load_lora_weights)")
     elif (args.output / "pipeline").is_dir() and "unet" in report:
         print(f"pipeline: {args.output / 'pipeline'}")
+    for line in quality_summary(report, cfg, args.output, args.config):
+        print(line)
 
 
 def _add_quickstart(sub: argparse._SubParsersAction) -> None:
@@ -134,6 +136,13 @@ def _quickstart(args: argparse.Namespace) -> None:
     )
     print(f"pipeline: {pipeline}\ngrid:     {args.output / 'grid.png'}\nreport:   {args.output / 'eval.json'}")
     print(f'try it:   ldm generate --model {pipeline} --prompt "a red circle on a white background" --out circle.png')
+    for line in metrics["quality_summary"]:
+        print(line)
+    if any("NOT DONE" in line for line in metrics["quality_summary"]):
+        print(
+            "The model did not reach the quick start's bar on this machine in the time allowed; the lines above "
+            f"continue it, then score it again: ldm eval --model {pipeline} --out {args.output / 'eval.json'}"
+        )
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:

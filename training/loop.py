@@ -1,7 +1,9 @@
 """The training loop every stage shares: Accelerate, AdamW, LR schedule with warm-up, EMA, progress.
 
 A stage supplies ``compute_loss(step) -> dict`` (with a ``"loss"`` tensor to minimise) and,
-optionally, ``after_step(step) -> dict`` for a second optimiser (the VAE's discriminator).
+optionally, ``after_step(step) -> dict`` for a second optimiser (the VAE's discriminator), and a
+`QualityCheck`: a measure of the model taken every so often while it trains, with the bar at
+which the stage is done.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -94,14 +96,50 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 @dataclass
+class QualityCheck:
+    """A stage's measure of quality, taken every ``every`` steps while it trains.
+
+    ``measure()`` returns the value (higher is better: held-out PSNR in dB, adherence as a
+    fraction). With a ``target`` the stage stops when the mean of the last ``window``
+    measurements is at or above it (a window of two halves the variance of a sampled measure
+    without sampling more at each check), and otherwise runs on to its ceilings (``steps``,
+    ``max_minutes``).
+    """
+
+    name: str
+    measure: Callable[[], float]
+    every: int
+    target: float | None = None
+    # With the warmup_stable_decay LR schedule: the value at which the decay begins.
+    decay_at: float | None = None
+    # How a value is shown: "{:.1f} dB", "{:.3f}".
+    fmt: str = "{:.3f}"
+    window: int = 1
+
+    def show(self, value: float) -> str:
+        return f"{self.name} {self.fmt.format(value)}"
+
+    def level(self, values: list[float]) -> float:
+        """What is compared with the target: the mean of the last ``window`` values."""
+        recent = values[-self.window :]
+        return sum(recent) / len(recent)
+
+
+@dataclass
 class LoopResult:
-    """What a stage's loop did: steps run, minutes taken, the loss curve."""
+    """What a stage's loop did: steps run, minutes taken, the loss curve, the quality measured."""
 
     steps: int
     minutes: float
     losses: list[dict[str, float]] = field(default_factory=list)
     # Optimiser steps skipped for a non-finite loss or gradient.
     skipped: int = 0
+    # Each quality measurement: {"step", "minutes", "value"}.
+    quality: list[dict[str, float]] = field(default_factory=list)
+    # With a target: whether the last measurement reached it (None without a target).
+    reached: bool | None = None
+    # Why the loop ended: "target", "steps" or "minutes".
+    stopped_by: str = "steps"
 
     @property
     def final_loss(self) -> float:
@@ -110,7 +148,19 @@ class LoopResult:
 
     def save(self, path: Path) -> None:
         record = {"steps": self.steps, "minutes": self.minutes, "skipped": self.skipped, "losses": self.losses}
+        if self.quality:
+            record["quality"] = self.quality
         path.write_text(json.dumps(record))
+
+    def quality_report(self, check: QualityCheck | None) -> dict:
+        """The stage report's quality entries: the last value, the target and whether it was met."""
+        if check is None or not self.quality:
+            return {}
+        level = check.level([q["value"] for q in self.quality])
+        report = {"quality_metric": check.name, "quality": level, "quality_curve": self.quality}
+        if check.target is not None:
+            report.update(target=check.target, target_reached=bool(self.reached), stopped_by=self.stopped_by)
+        return report
 
 
 # Steps run before the loop times itself to fit ``steps`` to ``max_minutes`` (the first few are slow).
@@ -134,6 +184,38 @@ def make_optimizer(
         return torch.optim.AdamW(params, **hyper, fused=True)
     except RuntimeError:  # no fused kernel for this device or dtype
         return torch.optim.AdamW(params, **hyper, foreach=True)
+
+
+@dataclass
+class WarmupStableDecay:
+    """Warm-up, a constant LR, then a linear decay to ``floor`` × the LR: the schedule for a
+    stage whose length is not known in advance (Hägele et al. 2024, "Scaling Laws and
+    Compute-Optimal Training Beyond Fixed Training Durations"; Hu et al. 2024, MiniCPM).
+
+    The loop starts the decay (`begin`) when the stage's quality reaches its ``decay_at``, the
+    decay then lasting ``fraction`` × the updates before it, or when a ceiling comes near, the
+    decay then ending at it. After the decay the LR stays at the floor.
+    """
+
+    warmup: int
+    fraction: float
+    floor: float
+    start: int | None = None
+    end: int | None = None
+
+    def __call__(self, update: int) -> float:
+        if update < self.warmup:  # as diffusers' warm-up
+            return update / max(1, self.warmup)
+        if self.start is None or update < self.start:
+            return 1.0
+        if update >= self.end:
+            return self.floor
+        return 1.0 - (1.0 - self.floor) * (update - self.start) / (self.end - self.start)
+
+    def begin(self, update: int, end: int) -> None:
+        """Decay from ``update`` to ``end`` (optimiser updates), unless the decay has begun."""
+        if self.start is None:
+            self.start, self.end = update, max(end, update + 1)
 
 
 def lr_factor(name: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -261,6 +343,7 @@ def run_loop(
     after_step: Callable[[int], dict[str, float]] | None = None,
     on_minute: Callable[[float], None] | None = None,
     checkpoints: Checkpoints | None = None,
+    quality: QualityCheck | None = None,
     log_every: int = 10,
 ) -> LoopResult:
     """Run ``cfg.steps`` optimiser steps with a progress bar, fitted to ``cfg.max_minutes`` when set.
@@ -280,33 +363,55 @@ def run_loop(
     the whole state is saved every ``checkpoints.every`` steps and at the end, and a run resumes
     from ``checkpoints.resume`` exactly where that checkpoint left it (a resumed time-fitted run
     keeps the step plan it had).
+
+    With ``quality``, the model is measured every ``quality.every`` steps and when the loop ends
+    (on the main process; the value is shared with the others), the value shown on the progress
+    bar and logged; reaching ``quality.target`` ends the loop.
     """
     steps, max_minutes, accumulate = cfg.steps, cfg.max_minutes, cfg.gradient_accumulation_steps
     if steps is None and max_minutes is None:
         raise ValueError("run_loop needs steps, max_minutes or both")
     limit = steps if steps is not None else sys.maxsize
-    plan = {"steps": limit, "factor": lr_factor(cfg.lr_scheduler, cfg.warmup_steps, limit)}
+    wsd = WarmupStableDecay(cfg.warmup_steps, cfg.decay_fraction, cfg.lr_floor)
+
+    def schedule(total: int) -> Callable[[int], float]:
+        if cfg.lr_scheduler == "warmup_stable_decay":
+            return wsd
+        return lr_factor(cfg.lr_scheduler, cfg.warmup_steps, total)
+
+    plan = {"steps": limit, "factor": schedule(limit)}
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: plan["factor"](step))
     losses: list[dict[str, float]] = []
+    measured: list[dict[str, float]] = []
     step = skipped = skipped_in_a_row = 0
     elapsed_before = 0.0
     resumed = checkpoints is not None and checkpoints.resume is not None
+    replan = False
     if resumed:
         loop = _restore(accelerator, model, optimizer, lr_scheduler, ema, checkpoints)
         step, skipped, losses, elapsed_before = loop["step"], loop["skipped"], loop["losses"], loop["seconds"]
-        plan["steps"] = loop["plan_steps"]
-        plan["factor"] = lr_factor(cfg.lr_scheduler, cfg.warmup_steps, plan["steps"])
+        measured = loop.get("quality", [])
+        # The same ceilings: the step plan it had (an exact resume). Raised ones (continuing a run
+        # that stopped short of its target): plan anew, timing the steps again.
+        replan = loop.get("ceilings", [steps, max_minutes]) != [steps, max_minutes]
+        plan["steps"] = limit if replan else loop["plan_steps"]
+        plan["factor"] = schedule(plan["steps"])
+        wsd.start, wsd.end = loop.get("decay", [None, None])
     bar = tqdm(total=steps, initial=step, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     start = time.monotonic() - elapsed_before
     pace_start = start
+    first_step = step
     minutes_reported = int(elapsed_before / 60)
 
     def save(at_step: int) -> None:
         loop = {
             "step": at_step,
             "plan_steps": plan["steps"],
+            "ceilings": [steps, max_minutes],
+            "decay": [wsd.start, wsd.end],
             "skipped": skipped,
             "losses": losses,
+            "quality": measured,
             "seconds": time.monotonic() - start,
         }
         state = _capture(accelerator, model, optimizer, lr_scheduler, ema, checkpoints, loop)
@@ -314,8 +419,32 @@ def run_loop(
             save_checkpoint(checkpoints.folder, at_step, state, checkpoints.keep, checkpoints.meta)
         accelerator.wait_for_everyone()
 
+    postfix: dict[str, str] = {}
+    if measured:
+        postfix[quality.name] = quality.fmt.format(measured[-1]["value"])
+
+    def measure() -> float:
+        """Measure on the main process, share the value, show it; returns it."""
+        value = torch.tensor([quality.measure() if accelerator.is_main_process else 0.0], dtype=torch.float64)
+        value = float(broadcast(value.to(accelerator.device)).cpu())
+        model.train()
+        measured.append({"step": step, "minutes": round((time.monotonic() - start) / 60, 3), "value": value})
+        accelerator.log({f"{desc}/{quality.name}": value}, step=step)
+        postfix[quality.name] = quality.fmt.format(value)
+        bar.set_postfix(postfix, refresh=False)
+        goal = "" if quality.target is None else f" (target {quality.fmt.format(quality.target)})"
+        bar.write(f"{desc}: step {step}: {quality.show(value)}{goal}")
+        return value
+
+    def reached() -> bool:
+        values = [m["value"] for m in measured]
+        return quality.target is not None and len(values) >= quality.window and quality.level(values) >= quality.target
+
+    stopped_by = "steps"
+    if measured and reached():
+        stopped_by = "target"  # resumed from the checkpoint written when the target was reached
     model.train()
-    while step < plan["steps"]:
+    while step < plan["steps"] and stopped_by != "target":
         for micro in range(accumulate):
             # Gradients are all-reduced across processes on the last micro-batch only.
             with accelerator.no_sync(model) if micro < accumulate - 1 else contextlib.nullcontext():
@@ -346,7 +475,7 @@ def run_loop(
             ema.step(trainable(model))
         extra = after_step(step) if after_step is not None else {}
         step += 1
-        if step == _PACE_FROM_STEP:
+        if step - first_step == _PACE_FROM_STEP:
             pace_start = time.monotonic()
         if step % log_every == 0 or step == plan["steps"]:
             entry = {"step": step, **{k: float(v.detach()) for k, v in terms.items()}, **extra}
@@ -354,29 +483,57 @@ def run_loop(
             entry["skipped"] = skipped
             losses.append(entry)
             accelerator.log({f"{desc}/{k}": v for k, v in entry.items() if k != "step"}, step=step)
-            bar.set_postfix(loss=f"{entry['loss']:.4f}", refresh=False)
+            postfix["loss"] = f"{entry['loss']:.4f}"
+            bar.set_postfix(postfix, refresh=False)
         bar.update()
+        if quality is not None and step % quality.every == 0:
+            value = measure()
+            if reached():
+                stopped_by = "target"
+                bar.write(f"{desc}: target reached at step {step}")
+                break
+            decay_at = quality.decay_at if cfg.lr_scheduler == "warmup_stable_decay" else None
+            if wsd.start is None and decay_at is not None and value >= decay_at:
+                updates = lr_scheduler.last_epoch
+                wsd.begin(updates, updates + max(1, round(cfg.decay_fraction * updates)))
+                bar.write(f"{desc}: step {step}: the LR decays over the next {wsd.end - wsd.start} steps")
         now = time.monotonic()
         elapsed = (now - start) / 60
         new_minute = int(elapsed) > minutes_reported
-        refit = not resumed and max_minutes is not None
-        if refit and (step == _FIT_AT_STEP or (new_minute and step > _FIT_AT_STEP)):
-            seconds_per_step = (now - pace_start) / (step - _PACE_FROM_STEP)
+        refit = (replan or not resumed) and max_minutes is not None
+        timed = step - first_step
+        if refit and (timed == _FIT_AT_STEP or (new_minute and timed > _FIT_AT_STEP)):
+            seconds_per_step = (now - pace_start) / (timed - _PACE_FROM_STEP)
             fits = step + int((max_minutes * 60 - (now - start)) / seconds_per_step)
             # Every process must plan the same number of steps: take the slowest one's.
             plan["steps"] = max(step, min(limit, int(accelerator.gather(torch.tensor([fits])).min())))
-            plan["factor"] = lr_factor(cfg.lr_scheduler, cfg.warmup_steps, plan["steps"])
+            plan["factor"] = schedule(plan["steps"])
             bar.total = plan["steps"]
+        if plan["steps"] - step <= cfg.decay_fraction * step:  # a ceiling comes near: decay to it
+            wsd.begin(lr_scheduler.last_epoch, lr_scheduler.last_epoch + plan["steps"] - step)
         if new_minute:
             minutes_reported = int(elapsed)
             if on_minute is not None:
                 on_minute(elapsed)
         if max_minutes is not None and elapsed > max_minutes:
             bar.write(f"{desc}: stopping at step {step} of {plan['steps']}: the {max_minutes} minute limit is reached")
+            stopped_by = "minutes"
             break
         if checkpoints is not None and checkpoints.every and step % checkpoints.every == 0 and step < plan["steps"]:
             save(step)
+    if stopped_by == "steps" and step < limit:
+        stopped_by = "minutes"  # the steps planned were those that fit in max_minutes
+    if quality is not None and (not measured or measured[-1]["step"] != step):
+        measure()
     bar.close()
     if checkpoints is not None:
         save(step)
-    return LoopResult(steps=step, minutes=(time.monotonic() - start) / 60, losses=losses, skipped=skipped)
+    return LoopResult(
+        steps=step,
+        minutes=(time.monotonic() - start) / 60,
+        losses=losses,
+        skipped=skipped,
+        quality=measured,
+        reached=None if quality is None or quality.target is None else reached(),
+        stopped_by=stopped_by,
+    )

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from ldm_pipeline.attention import use_cpu_attention
 from ldm_pipeline.evaluation import evaluate
+from ldm_pipeline.hardware import default_mixed_precision, describe_machine
 from ldm_pipeline.images import image_grid
 from ldm_pipeline.loading import load_pipeline
+from ldm_pipeline.presets import build_unet, build_vae, get_preset
 
 from .config import RunConfig, config_from_dict
-from .run import train
+from .loop import make_optimizer
+from .run import quality_summary, train
+from .vae import Autoencode
 
 GRID_PROMPTS = (
     "a red circle on a white background",
@@ -36,19 +43,85 @@ SMOKE = {
 }
 
 
-# The defaults are the shapes recipe; the VAE and UNet train for as many steps as fit in their
-# minutes (the LR schedule fitted to the machine's pace), keeping the whole quick start within
-# 30 minutes on a 2-core CPU. configs/shapes.yaml states the same run (a test checks they agree).
+# The shapes recipe with quality targets: the VAE and UNet measure themselves as they train and
+# stop when they reach their targets; the minutes are ceilings, twice what a 2-core AVX2 CPU in
+# fp32 needs. configs/shapes.yaml states the same run (a test checks they agree).
 QUICKSTART = {
-    "vae": {"steps": None, "max_minutes": 6},
+    "vae": {"steps": None, "max_minutes": 12, "target": 31.0, "eval_every": 100, "decay_at": 30.0},
     "clip": {"max_minutes": 1.5},
-    "unet": {"steps": None, "max_minutes": 17},
+    "unet": {
+        "steps": None,
+        "max_minutes": 40,
+        "learning_rate": 2e-3,
+        "lr_scheduler": "warmup_stable_decay",
+        "warmup_steps": 100,
+        "target": 0.97,
+        "eval_every": 250,
+        "decay_at": 0.85,
+    },
 }
+# What the time estimate assumes (benchmarks/recipe_curves.py): the steps the recipe took to reach
+# its targets, the cost of the quality checks per step, and the rest of the run (data, CLIP stage,
+# caches, the final grid and evaluation) in UNet steps.
+EXPECTED_STEPS = {"vae": 1000, "unet": 2750}
+CHECK_OVERHEAD = {"vae": 1.02, "unet": 1.1}
+OTHER_UNET_STEPS = 300
 
 
 def quickstart_config(smoke: bool = False, overrides: list[str] | None = None) -> RunConfig:
     """The quick start's config (the shapes recipe within the time budget), or the smoke version."""
     return config_from_dict(SMOKE if smoke else QUICKSTART, overrides)
+
+
+def _time_steps(step: Callable[[], None], warmup: int = 2, timed: int = 3) -> float:
+    """Seconds per call of ``step`` after ``warmup`` calls (the first ones pay for allocation)."""
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(timed):
+        step()
+    return (time.perf_counter() - start) / timed
+
+
+def seconds_per_step(cfg: RunConfig) -> dict[str, float]:
+    """A few training steps of the run's VAE and UNet, on random data at the configured batch
+    sizes and precision: this machine's pace for each stage, before any data is made."""
+    preset = get_preset(cfg.model)
+    bf16 = (default_mixed_precision() if cfg.mixed_precision == "auto" else cfg.mixed_precision) == "bf16"
+    autocast = partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=bf16 and not torch.cuda.is_available())
+    side = cfg.data.resolution
+    generator = torch.Generator().manual_seed(0)
+
+    def trainer(model: torch.nn.Module, loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        optimizer = make_optimizer(model.parameters(), cfg.vae)
+
+        def step() -> None:
+            with autocast():
+                value = loss()
+            value.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+
+    autoencode = Autoencode(build_vae(preset))
+    images = torch.rand((cfg.vae.batch_size, 3, side, side), generator=generator) * 2 - 1
+    paces = {"vae": _time_steps(trainer(autoencode, lambda: autoencode(images)[0].float().pow(2).mean()))}
+    unet = build_unet(preset)
+    use_cpu_attention(unet)
+    n, factor = cfg.unet.batch_size, 2 ** (len(preset.vae.channels) - 1)
+    latents = torch.randn((n, preset.vae.latent_channels, side // factor, side // factor), generator=generator)
+    text = torch.randn((n, preset.text.max_length, preset.text.hidden_size), generator=generator)
+    t = torch.randint(0, 1000, (n,), generator=generator)
+    paces["unet"] = _time_steps(trainer(unet, lambda: unet(latents, t, text).sample.float().pow(2).mean()))
+    return paces
+
+
+def expected_minutes(paces: dict[str, float]) -> float:
+    """Minutes the quick start should take at these paces: the steps its recipe took to reach its
+    targets when measured (`EXPECTED_STEPS`), their quality checks, and the rest of the run."""
+    stages = sum(EXPECTED_STEPS[s] * paces[s] * CHECK_OVERHEAD[s] for s in EXPECTED_STEPS)
+    return (stages + OTHER_UNET_STEPS * paces["unet"]) / 60
 
 
 def quickstart(
@@ -61,6 +134,15 @@ def quickstart(
     out = Path(out)
     cfg = quickstart_config(smoke, overrides)
     start = time.monotonic()
+    line = describe_machine(cfg.mixed_precision)
+    if not smoke and not torch.cuda.is_available():
+        paces = seconds_per_step(cfg)
+        line += (
+            f"; first steps: VAE {paces['vae']:.2f} s, UNet {paces['unet']:.2f} s, so about "
+            f"{expected_minutes(paces):.0f} min to the targets (ceilings: VAE {cfg.vae.max_minutes:g} min, "
+            f"UNet {cfg.unet.max_minutes:g} min)"
+        )
+    print(line, flush=True)
     report = train(cfg, out)
     train_minutes = (time.monotonic() - start) / 60
 
@@ -75,4 +157,5 @@ def quickstart(
         train_minutes=round(train_minutes, 2), total_minutes=round((time.monotonic() - start) / 60, 2), stages=report
     )
     (out / "eval.json").write_text(json.dumps(metrics, indent=2))
+    metrics["quality_summary"] = quality_summary(report, cfg, out)
     return metrics

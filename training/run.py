@@ -91,6 +91,38 @@ def _resume_points(cfg: RunConfig, out: Path, stages: list[str], resume: str, fo
     return {s: (path if s == stage else None) for s in stages}
 
 
+def quality_summary(report: dict, cfg: RunConfig, out: Path, config_path: Path | None = None) -> list[str]:
+    """One line per stage with a quality target: what it reached, or that it fell short and the
+    command that continues it (from its last checkpoint, with its ceilings doubled)."""
+    lines = []
+    for stage in ("vae", "unet"):
+        entry = report.get(stage, {})
+        if "target" not in entry:
+            continue
+        c = getattr(cfg, stage)
+        fmt = "{:.2f} dB" if entry["quality_metric"] == "psnr" else "{:.3f}"
+        value, target = fmt.format(entry["quality"]), fmt.format(entry["target"])
+        where = f"step {entry['steps']:,} ({entry['minutes']:.1f} min)"
+        if entry["target_reached"]:
+            lines.append(f"{stage}: {entry['quality_metric']} {value} reached the target {target} at {where}")
+            continue
+        ceiling = f"the {c.max_minutes:g}-minute ceiling" if entry["stopped_by"] == "minutes" else "its step ceiling"
+        raise_it = (
+            f"{stage}.max_minutes={2 * c.max_minutes:g}"
+            if entry["stopped_by"] == "minutes"
+            else f"{stage}.steps={2 * entry['steps']} --force-resume"
+        )
+        checkpoint = latest_checkpoint(out / "checkpoints" / stage)
+        config = config_path or out / "config.yaml"
+        after = " (the stages after it train again)" if stage != cfg.stages[-1] else ""
+        lines.append(
+            f"{stage}: NOT DONE: {entry['quality_metric']} {value} at {where}, stopped by {ceiling} below the "
+            f"target {target}. Continue it{after} with: ldm train {config} --output {out} --resume {checkpoint} "
+            f"{raise_it}"
+        )
+    return lines
+
+
 def train(
     cfg: RunConfig,
     out: str | Path,

@@ -56,6 +56,7 @@ from .objectives import (
     sample_timesteps,
     zero_terminal_snr_config,
 )
+from .quality import adherence_check
 
 # The scheduler config keys that define the forward process and the model's target (the rest
 # are solver settings).
@@ -328,6 +329,19 @@ def train_unet(
         log_images(accelerator, "validation", images, step + 1)
         return {}
 
+    @contextlib.contextmanager
+    def ema_pipeline():
+        """The pipeline the stage would save now (EMA weights), for measuring its adherence."""
+        with ema_weights() as inner, torch.no_grad():
+            inner.eval()
+            fresh = type(sampler).from_config(sampler.config)
+            pipe = LatentDiffusionPipeline(vae, text_encoder, tokenizer, inner.unet, fresh)
+            pipe.set_progress_bar_config(disable=True)
+            yield pipe
+
+    check = None
+    if c.eval_every:
+        check = adherence_check(cfg.data.name, ema_pipeline, c.quality_prompts, c.eval_every, c.target, c.decay_at)
     stateful = {"batches": batches, "generator": GeneratorState(generator)}
     result = run_loop(
         accelerator,
@@ -340,6 +354,7 @@ def train_unet(
         after_step=validate,
         on_minute=snapshot,
         checkpoints=stage_checkpoints(out, "unet", c, stateful, resume),
+        quality=check,
     )
     inner = accelerator.unwrap_model(model)
     ema.copy_to(trainable(inner))
@@ -353,6 +368,7 @@ def train_unet(
         "skipped_steps": result.skipped,
         "images": len(train),
         "buckets": {f"{w}x{h}": len(b) for (h, w), b in zip(train.shapes, train.buckets, strict=True)},
+        **result.quality_report(check),
     }
     if accelerator.is_main_process:
         written = save_outputs(out, cfg, vae, text_encoder, tokenizer, inner, sampler)

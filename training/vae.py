@@ -24,6 +24,7 @@ from .checkpoint import GeneratorState
 from .config import RunConfig
 from .data import ImageSet
 from .loop import check_finite, make_optimizer, run_loop, stage_checkpoints
+from .quality import psnr_check
 
 
 class PatchDiscriminator(nn.Module):
@@ -164,6 +165,7 @@ def train_vae(
             d_opt.zero_grad(set_to_none=True)
             return {"d": float(d_loss.detach())}
 
+        check = psnr_check(vae, holdout, c.eval_every, c.target, c.decay_at) if c.eval_every else None
         result = run_loop(
             accelerator,
             autoencode,
@@ -173,8 +175,10 @@ def train_vae(
             desc="vae",
             after_step=discriminator_step if use_gan else None,
             checkpoints=stage_checkpoints(out, "vae", c, stateful, resume),
+            quality=check,
         )
         metrics = {"steps": result.steps, "minutes": round(result.minutes, 2), "final_loss": result.final_loss}
+        metrics.update(result.quality_report(check))
         if accelerator.is_main_process:
             result.save(out / "logs" / "vae_losses.json")
         vae.register_to_config(scaling_factor=measure_scaling_factor(vae, train))

@@ -7,6 +7,7 @@ against the labels the prompts came from.
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
@@ -24,12 +25,20 @@ from .metrics import clip_score, vae_reconstruction_psnr
 from .shapes import adherence
 
 
-def shapes_prompts(num: int, seed: int) -> tuple[list[str], list[dict[str, str]]]:
-    """``num`` prompts drawn from the shapes grammar, with the labels each asks for."""
+def shapes_prompts(num: int, seed: int, stratified: bool = False) -> tuple[list[str], list[dict[str, str]]]:
+    """``num`` prompts drawn from the shapes grammar, with the labels each asks for.
+
+    ``stratified``: every shape × colour × background combination in turn (in an order shuffled
+    by ``seed``, each with a random wording), so that a few prompts cover them all evenly.
+    """
     rng = random.Random(seed)
+    combos = list(itertools.product(shapes_data.SHAPES, shapes_data.COLORS, shapes_data.BACKGROUNDS))
+    rng.shuffle(combos)
     prompts, labels = [], []
-    for _ in range(num):
+    for i in range(num):
         lab = shapes_data.sample_labels(rng)
+        if stratified:
+            lab.update(zip(("shape", "color", "background"), combos[i % len(combos)], strict=True))
         prompts.append(shapes_data.caption(lab["shape"], lab["color"], lab["background"], lab["template"]))
         labels.append({k: lab[k] for k in ("shape", "color", "background")})
     return prompts, labels
@@ -82,6 +91,40 @@ def _digit_features(images: list[Image.Image]) -> np.ndarray:
     )
 
 
+def prompt_adherence(
+    pipe: LatentDiffusionPipeline,
+    dataset: str = "shapes",
+    num_samples: int = 200,
+    seed: int = 0,
+    batch_size: int = 32,
+    digit_classifier=None,
+    stratified: bool = False,
+    **call_kwargs,
+) -> tuple[dict, list[Image.Image], list[str]]:
+    """Generate one image per prompt of the dataset's grammar and score it against its labels.
+
+    Returns the scores (``all_correct``, ``color_accuracy``, ``shape_accuracy``,
+    ``background_accuracy`` for shapes; ``digit_accuracy`` and ``all_correct`` equal to it for
+    digits), the images and the prompts. ``digit_classifier``: a fitted `fit_digit_classifier`
+    result to reuse (fitted here when None). ``stratified``: shapes prompts cover every
+    combination evenly (`shapes_prompts`; digit prompts always cycle through the digits).
+    """
+    if num_samples <= 0:
+        raise ValueError(f"num_samples must be positive, got {num_samples}")
+    if dataset == "shapes":
+        prompts, labels = shapes_prompts(num_samples, seed, stratified)
+        images = generate(pipe, prompts, seed, batch_size, **call_kwargs)
+        return adherence(images, labels), images, prompts
+    if dataset == "digits":
+        prompts, digits = digit_prompts(num_samples, seed)
+        images = generate(pipe, prompts, seed, batch_size, **call_kwargs)
+        classifier, classifier_accuracy = digit_classifier or fit_digit_classifier(pipe.default_size)
+        accuracy = float(np.mean(classifier.predict(_digit_features(images)) == np.array(digits)))
+        scores = {"digit_accuracy": accuracy, "all_correct": accuracy}
+        return {**scores, "classifier_accuracy_on_real": classifier_accuracy}, images, prompts
+    raise ValueError(f"unknown evaluation dataset {dataset!r}; use 'shapes' or 'digits'")
+
+
 def evaluate(
     pipe: LatentDiffusionPipeline,
     dataset: str = "shapes",
@@ -94,28 +137,17 @@ def evaluate(
     """Score a pipeline on ``shapes`` or ``digits``; returns the metrics and the images scored.
 
     Metric keys: ``all_correct``, ``color_accuracy``, ``shape_accuracy``, ``background_accuracy``
-    (shapes) or ``digit_accuracy`` (digits), all fractions in [0, 1]; ``clip_score`` (with a
-    CLIP evaluator folder, else None); ``psnr`` (VAE reconstructions of real images, dB).
+    (shapes) or ``digit_accuracy`` (digits, with ``all_correct`` equal to it), all fractions in
+    [0, 1]; ``clip_score`` (with a CLIP evaluator folder, else None); ``psnr`` (VAE reconstructions of real images, dB).
     """
-    if num_samples <= 0:
-        raise ValueError(f"num_samples must be positive, got {num_samples}")
     size = pipe.default_size
     report: dict = {"dataset": dataset, "num_samples": num_samples, "seed": seed}
+    scores, images, prompts = prompt_adherence(pipe, dataset, num_samples, seed, batch_size, **call_kwargs)
+    report.update(scores)
     if dataset == "shapes":
-        prompts, labels = shapes_prompts(num_samples, seed)
-        images = generate(pipe, prompts, seed, batch_size, **call_kwargs)
-        report.update(adherence(images, labels))
         real = load_builtin("shapes", num_samples=min(num_samples, 256), seed=seed + 10_000, resolution=size)
-    elif dataset == "digits":
-        prompts, digits = digit_prompts(num_samples, seed)
-        images = generate(pipe, prompts, seed, batch_size, **call_kwargs)
-        classifier, classifier_accuracy = fit_digit_classifier(size)
-        predicted = classifier.predict(_digit_features(images))
-        report["digit_accuracy"] = float(np.mean(predicted == np.array(digits)))
-        report["classifier_accuracy_on_real"] = classifier_accuracy
-        real = load_builtin("digits", num_samples=min(num_samples, 256), seed=seed, resolution=size)
     else:
-        raise ValueError(f"unknown evaluation dataset {dataset!r}; use 'shapes' or 'digits'")
+        real = load_builtin("digits", num_samples=min(num_samples, 256), seed=seed, resolution=size)
     report["clip_score"] = None
     if clip_dir is not None:
         from transformers import CLIPModel, CLIPTokenizer

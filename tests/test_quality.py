@@ -1,0 +1,127 @@
+"""Quality-aware stopping: stages measure themselves while they train, stop at their target,
+run on to their ceilings when they miss it, and say so with the command that continues them."""
+
+import shlex
+
+import pytest
+import torch
+
+from ldm_pipeline.cli import main
+from training.config import ConfigError, StageConfig
+from training.loop import QualityCheck, make_accelerator, run_loop
+from training.quickstart import quickstart_config
+from training.run import quality_summary, train
+
+
+def _loop(cfg: StageConfig, values: list[float], target: float | None, every: int = 2):
+    """run_loop on a one-weight model with a check that returns ``values`` in turn."""
+    accelerator = make_accelerator("auto", seed=0)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    feed = iter(values)
+    check = QualityCheck("score", lambda: next(feed), every, target)
+    loss = lambda step: {"loss": model(torch.ones(1, 2)).pow(2).sum()}  # noqa: E731
+    return run_loop(accelerator, model, optimizer, loss, cfg, desc="t", quality=check, log_every=1)
+
+
+def test_loop_stops_at_the_first_measurement_that_reaches_the_target(capsys):
+    result = _loop(StageConfig(steps=100, warmup_steps=0), [0.1, 0.5, 0.91, 0.95], target=0.9)
+    assert result.steps == 6 and result.stopped_by == "target" and result.reached is True
+    assert [(q["step"], q["value"]) for q in result.quality] == [(2, 0.1), (4, 0.5), (6, 0.91)]
+    printed = capsys.readouterr().out
+    assert "t: step 4: score 0.500 (target 0.900)" in printed and "target reached at step 6" in printed
+
+
+def test_loop_runs_to_its_step_ceiling_when_the_target_is_missed():
+    # Measured every 4 steps and once more at the end (step 10).
+    result = _loop(StageConfig(steps=10, warmup_steps=0), [0.1, 0.2, 0.3], target=0.9, every=4)
+    assert result.steps == 10 and result.stopped_by == "steps" and result.reached is False
+    assert [q["step"] for q in result.quality] == [4, 8, 10]
+
+
+def test_loop_runs_to_its_time_ceiling_when_the_target_is_missed(monkeypatch):
+    ticks = iter(range(0, 100_000, 10))  # ten seconds a call: a minute within a few steps
+    monkeypatch.setattr("training.loop.time.monotonic", lambda: next(ticks))
+    result = _loop(StageConfig(steps=None, warmup_steps=0, max_minutes=1), [0.0] * 100, target=0.9)
+    assert result.stopped_by == "minutes" and result.reached is False and result.steps < 20
+
+
+def test_a_measure_without_a_target_never_stops_the_loop():
+    result = _loop(StageConfig(steps=6, warmup_steps=0), [1.0, 1.0, 1.0], target=None)
+    assert result.steps == 6 and result.reached is None and len(result.quality) == 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["vae.target=30"], "vae.target: needs vae.eval_every"),
+        (["unet.target=0.9"], "unet.target: needs unet.eval_every"),
+        (["vae.target=30", "vae.eval_every=10", "data.holdout=0"], "set data.holdout > 0"),
+        (["unet.target=1.5", "unet.eval_every=10"], r"fraction in \(0, 1\]"),
+        (["unet.target=0.9", "unet.eval_every=10", "data.source=some/folder"], "not data.source"),
+        (["unet.eval_every=0"], "unet.eval_every: must be positive"),
+    ],
+)
+def test_targets_are_validated(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        quickstart_config(smoke=True, overrides=overrides)
+
+
+def test_stages_measure_quality_and_report_a_missed_target_with_a_command_that_continues_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    overrides = [
+        "vae.steps=4",
+        "vae.eval_every=2",
+        "vae.target=99",  # unreachable: the stage runs to its ceiling
+        "unet.steps=4",
+        "unet.eval_every=2",
+        "unet.quality_prompts=3",
+        "unet.target=0.001",  # reached at the first measurement unless nothing is right
+    ]
+    cfg = quickstart_config(smoke=True, overrides=overrides)
+    report = train(cfg, out)
+    vae, unet = report["vae"], report["unet"]
+    assert [q["step"] for q in vae["quality_curve"]] == [2, 4]
+    assert all(0 < q["value"] < 99 for q in vae["quality_curve"])  # PSNR in dB
+    assert vae["target_reached"] is False and vae["stopped_by"] == "steps"
+    assert 0 <= unet["quality"] <= 1 and unet["quality_metric"] == "adherence"
+
+    lines = quality_summary(report, cfg, out)
+    missed = next(line for line in lines if line.startswith("vae:"))
+    assert "NOT DONE" in missed and "below the target 99.00 dB" in missed
+    command = shlex.split(missed.split("Continue it (the stages after it train again) with: ")[1])
+    assert command[:2] == ["ldm", "train"] and "vae.steps=8" in command
+    capsys.readouterr()
+    # The printed command continues the VAE from its last checkpoint to the doubled ceiling.
+    assert main(command[1:] + ["report_to=none"]) == 0
+    printed = capsys.readouterr().out
+    assert "vae: NOT DONE: psnr" in printed and "at step 8 " in printed
+
+
+def test_warmup_stable_decay_starts_its_decay_at_the_quality_it_was_told():
+    cfg = StageConfig(steps=40, warmup_steps=2, lr_scheduler="warmup_stable_decay", decay_fraction=0.5, lr_floor=0.1)
+    accelerator = make_accelerator("auto", seed=0)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    feed = iter([0.2, 0.4, 0.6, 0.7] + [0.8] * 20)
+    check = QualityCheck("score", lambda: next(feed), 2, target=None, decay_at=0.6)
+    loss = lambda step: {"loss": model(torch.ones(1, 2)).sum() * 0}  # noqa: E731
+    result = run_loop(accelerator, model, optimizer, loss, cfg, desc="t", quality=check, log_every=1)
+    lrs = [e["lr"] for e in result.losses]  # lrs[i]: the LR after update i + 1
+    assert lrs[0] == 0.5 and lrs[1:6] == [1.0] * 5  # warm-up, then stable until 0.6 at step 6
+    assert lrs[6] == pytest.approx(1 - 0.9 / 3) and lrs[8] == pytest.approx(0.1)  # 3 updates of decay
+    assert lrs[-1] == pytest.approx(0.1)  # then the floor
+
+
+def test_warmup_stable_decay_decays_into_a_step_ceiling():
+    cfg = StageConfig(steps=20, warmup_steps=0, lr_scheduler="warmup_stable_decay", decay_fraction=0.25, lr_floor=0.0)
+    accelerator = make_accelerator("auto", seed=0)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loss = lambda step: {"loss": model(torch.ones(1, 2)).sum() * 0}  # noqa: E731
+    lrs = [e["lr"] for e in run_loop(accelerator, model, optimizer, loss, cfg, desc="t", log_every=1).losses]
+    # 16 stable updates, then the last 20 - 16 = 4 decay to 0 (16 + 0.25 * 16 >= 20).
+    assert lrs[:16] == [1.0] * 16 and lrs[16] == pytest.approx(0.75) and lrs[-1] == pytest.approx(0.0)
