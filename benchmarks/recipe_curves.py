@@ -3,8 +3,8 @@
 Each recipe trains all three stages from zero in its own run folder, one after the other on the
 same machine, with a step budget of its own instead of the quick start's minutes, so its curves
 do not depend on the machine: the VAE's held-out PSNR every ``--vae-every`` steps and the EMA
-UNet's adherence on the 54 stratified quality prompts (``training/quality.py``) every
-``--unet-every`` steps, measured by the trainer as it runs. The new recipe also stops each stage
+UNet's adherence on the stratified quality prompts (``training/quality.py``) every
+``--unet-every`` steps (108 prompts: each combination twice), measured by the trainer as it runs. The new recipe also stops each stage
 at its quality target, as the quick start does. Each final pipeline is then scored on
 ``--num-samples`` prompts (seed 0, the quick start's evaluation). FLOPs per step come from torch's
 FLOP counter on one training step of each model.
@@ -49,7 +49,8 @@ def _register_previous() -> None:
 
 def recipes(vae_every: int, unet_every: int) -> dict[str, list[str]]:
     """Config overrides of each recipe (on top of the shipped defaults)."""
-    measure = [f"vae.eval_every={vae_every}", f"unet.eval_every={unet_every}", "report_to=none"]
+    measure = [f"vae.eval_every={vae_every}", f"unet.eval_every={unet_every}", "unet.quality_prompts=108"]
+    measure.append("report_to=none")
     previous = [
         "model=shapes-previous",
         "vae.loss=l1",

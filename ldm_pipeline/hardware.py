@@ -89,7 +89,8 @@ def describe_machine(mixed_precision: str) -> str:
         where = f"GPU {torch.cuda.get_device_name()}"
         why = "auto: the GPU's fastest" if mixed_precision == "auto" else "as configured"
     else:
-        where = f"CPU {cpu_name()} ({torch.get_num_threads()} threads; {_cpu_features()})"
+        threads = torch.get_num_threads()
+        where = f"CPU {cpu_name()} ({threads} thread{'s' if threads != 1 else ''}; {_cpu_features()})"
         if mixed_precision != "auto":
             why = "as configured"
         elif chosen == "bf16":

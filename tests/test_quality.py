@@ -13,15 +13,18 @@ from training.quickstart import quickstart_config
 from training.run import quality_summary, train
 
 
-def _loop(cfg: StageConfig, values: list[float], target: float | None, every: int = 2):
-    """run_loop on a one-weight model with a check that returns ``values`` in turn."""
+def _loop(
+    cfg: StageConfig, values: list[float] | None, target: float | None, every: int = 2, decay_at: float | None = None
+):
+    """run_loop on a one-weight model (SGD at LR 1) with a check that returns ``values`` in turn
+    (None: no check)."""
     accelerator = make_accelerator("auto", seed=0)
     model = torch.nn.Linear(2, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     model, optimizer = accelerator.prepare(model, optimizer)
-    feed = iter(values)
-    check = QualityCheck("score", lambda: next(feed), every, target)
-    loss = lambda step: {"loss": model(torch.ones(1, 2)).pow(2).sum()}  # noqa: E731
+    feed = iter(values or [])
+    check = QualityCheck("score", lambda: next(feed), every, target, decay_at) if values is not None else None
+    loss = lambda step: {"loss": model(torch.ones(1, 2)).sum() * 0}  # noqa: E731
     return run_loop(accelerator, model, optimizer, loss, cfg, desc="t", quality=check, log_every=1)
 
 
@@ -101,14 +104,7 @@ def test_stages_measure_quality_and_report_a_missed_target_with_a_command_that_c
 
 def test_warmup_stable_decay_starts_its_decay_at_the_quality_it_was_told():
     cfg = StageConfig(steps=40, warmup_steps=2, lr_scheduler="warmup_stable_decay", decay_fraction=0.5, lr_floor=0.1)
-    accelerator = make_accelerator("auto", seed=0)
-    model = torch.nn.Linear(2, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    feed = iter([0.2, 0.4, 0.6, 0.7] + [0.8] * 20)
-    check = QualityCheck("score", lambda: next(feed), 2, target=None, decay_at=0.6)
-    loss = lambda step: {"loss": model(torch.ones(1, 2)).sum() * 0}  # noqa: E731
-    result = run_loop(accelerator, model, optimizer, loss, cfg, desc="t", quality=check, log_every=1)
+    result = _loop(cfg, [0.2, 0.4, 0.6, 0.7] + [0.8] * 20, target=None, decay_at=0.6)
     lrs = [e["lr"] for e in result.losses]  # lrs[i]: the LR after update i + 1
     assert lrs[0] == 0.5 and lrs[1:6] == [1.0] * 5  # warm-up, then stable until 0.6 at step 6
     assert lrs[6] == pytest.approx(1 - 0.9 / 3) and lrs[8] == pytest.approx(0.1)  # 3 updates of decay
@@ -117,11 +113,6 @@ def test_warmup_stable_decay_starts_its_decay_at_the_quality_it_was_told():
 
 def test_warmup_stable_decay_decays_into_a_step_ceiling():
     cfg = StageConfig(steps=20, warmup_steps=0, lr_scheduler="warmup_stable_decay", decay_fraction=0.25, lr_floor=0.0)
-    accelerator = make_accelerator("auto", seed=0)
-    model = torch.nn.Linear(2, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    loss = lambda step: {"loss": model(torch.ones(1, 2)).sum() * 0}  # noqa: E731
-    lrs = [e["lr"] for e in run_loop(accelerator, model, optimizer, loss, cfg, desc="t", log_every=1).losses]
+    lrs = [e["lr"] for e in _loop(cfg, None, target=None).losses]
     # 16 stable updates, then the last 20 - 16 = 4 decay to 0 (16 + 0.25 * 16 >= 20).
     assert lrs[:16] == [1.0] * 16 and lrs[16] == pytest.approx(0.75) and lrs[-1] == pytest.approx(0.0)

@@ -50,14 +50,17 @@ QUICKSTART = {
     "vae": {"steps": None, "max_minutes": 12, "target": 31.0, "eval_every": 100, "decay_at": 30.0},
     "clip": {"max_minutes": 1.5},
     "unet": {
-        "steps": None,
+        "steps": 5000,
         "max_minutes": 40,
         "learning_rate": 2e-3,
         "lr_scheduler": "warmup_stable_decay",
         "warmup_steps": 100,
+        "decay_fraction": 0.5,
+        "lr_floor": 0.05,
         "target": 0.97,
         "eval_every": 250,
-        "decay_at": 0.85,
+        "decay_at": 0.75,
+        "quality_prompts": 108,
     },
 }
 # What the time estimate assumes (benchmarks/recipe_curves.py): the steps the recipe took to reach
