@@ -33,12 +33,13 @@ from .unet import train_unet
 from .vae import train_vae
 
 # Keys a resumed run may change: where it logs and caches, when it checkpoints, validates and
-# stops. Any other change alters the maths of the run being continued.
+# stops (a quality target included). Any other change alters the maths of the run being continued.
 RESUMABLE_CHANGES = (
     "stages",
     "report_to",
     "data.cache_dir",
     "max_minutes",
+    "target",
     "checkpoint_every",
     "checkpoint_keep",
     "max_nonfinite_steps",
