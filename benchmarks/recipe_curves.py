@@ -3,16 +3,17 @@
 Each recipe trains all three stages from zero in its own run folder, one after the other on the
 same machine, with a step budget of its own instead of the quick start's minutes, so its curves
 do not depend on the machine: the VAE's held-out PSNR every ``--vae-every`` steps and the EMA
-UNet's adherence on the stratified quality prompts (``training/quality.py``) every
-``--unet-every`` steps (108 prompts: each combination twice), measured by the trainer as it runs. The new recipe also stops each stage
-at its quality target, as the quick start does. Each final pipeline is then scored on
+UNet's adherence on the stratified quality prompts (``training/quality.py``; 108: each
+combination twice) every ``--unet-every`` steps, measured by the trainer as it runs. The new
+recipe also stops each stage at its quality target, as the quick start does. Each final pipeline is then scored on
 ``--num-samples`` prompts (seed 0, the quick start's evaluation). FLOPs per step come from torch's
 FLOP counter on one training step of each model.
 
 ``previous``: the recipe up to this release (L1 VAE at 1e-3 with a cosine schedule; a 6.7M
 UNet of 64/128/128 channels at 1e-3, cosine, 200 warm-up steps), at the step counts its quick
 start ran on a 2-core AMD EPYC with AVX-512 BF16 in 6 + 17 minutes. ``current``: the shipped
-defaults (``training/config.py``, the ``shapes`` preset) with the quick start's targets.
+defaults (``training/config.py``; the L2 VAE with its decay and target) with the quick start's
+targets and the same 3,300-step UNet cosine.
 
 Usage::
 
@@ -65,7 +66,7 @@ def recipes(vae_every: int, unet_every: int) -> dict[str, list[str]]:
     current = [f"{stage}.{key}={value}" for stage, keys in QUICKSTART.items() for key, value in keys.items()]
     # Step ceilings instead of the quick start's minutes (the targets stop the stages first).
     current = [o for o in current if ".max_minutes=" not in o and ".steps=" not in o]
-    current += ["vae.steps=3000", "unet.steps=5000", "clip.steps=150"]
+    current += ["vae.steps=3000", "unet.steps=3300", "clip.steps=150"]
     return {"previous": previous + measure, "current": current + measure}
 
 
