@@ -28,7 +28,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from accelerate.state import AcceleratorState
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -36,7 +35,7 @@ from ldm_pipeline import LatentDiffusionPipeline
 from ldm_pipeline.evaluation import evaluate
 from ldm_pipeline.presets import PRESETS, UNetPreset, build_unet, build_vae, get_preset
 from training.config import RunConfig, config_from_dict
-from training.quickstart import QUICKSTART
+from training.quickstart import QUICKSTART, synthetic_inputs
 from training.run import train
 from training.vae import Autoencode
 
@@ -80,17 +79,12 @@ def _flops(step) -> float:
 def training_flops(cfg: RunConfig) -> dict[str, float]:
     """FLOPs of one optimiser step (forward + backward) of the VAE and of the UNet at their batch sizes."""
     preset = get_preset(cfg.model)
-    side = cfg.data.resolution
+    inputs = synthetic_inputs(cfg)
     autoencode = Autoencode(build_vae(preset))
-    images = torch.zeros(cfg.vae.batch_size, 3, side, side)
     unet = build_unet(preset)
-    n, factor = cfg.unet.batch_size, 2 ** (len(preset.vae.channels) - 1)
-    latents = torch.zeros(n, preset.vae.latent_channels, side // factor, side // factor)
-    text = torch.zeros(n, preset.text.max_length, preset.text.hidden_size)
-    t = torch.zeros(n, dtype=torch.long)
     return {
-        "vae": _flops(lambda: autoencode(images)[0].sum().backward()),
-        "unet": _flops(lambda: unet(latents, t, text).sample.sum().backward()),
+        "vae": _flops(lambda: autoencode(*inputs["vae"])[0].sum().backward()),
+        "unet": _flops(lambda: unet(*inputs["unet"]).sample.sum().backward()),
     }
 
 

@@ -138,7 +138,7 @@ def _quickstart(args: argparse.Namespace) -> None:
     print(f'try it:   ldm generate --model {pipeline} --prompt "a red circle on a white background" --out circle.png')
     for line in metrics["quality_summary"]:
         print(line)
-    if any("NOT DONE" in line for line in metrics["quality_summary"]):
+    if any(isinstance(entry, dict) and entry.get("target_reached") is False for entry in metrics["stages"].values()):
         print(
             "The model did not reach the quick start's bar on this machine in the time allowed; the lines above "
             f"continue it, then score it again: ldm eval --model {pipeline} --out {args.output / 'eval.json'}"

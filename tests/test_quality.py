@@ -61,6 +61,7 @@ def test_a_measure_without_a_target_never_stops_the_loop():
         (["vae.target=30"], "vae.target: needs vae.eval_every"),
         (["unet.target=0.9"], "unet.target: needs unet.eval_every"),
         (["vae.target=30", "vae.eval_every=10", "data.holdout=0"], "set data.holdout > 0"),
+        (["vae.eval_every=10", "data.holdout=0"], "set data.holdout > 0"),  # a measure alone needs it too
         (["unet.target=1.5", "unet.eval_every=10"], r"fraction in \(0, 1\]"),
         (["unet.target=0.9", "unet.eval_every=10", "data.source=some/folder"], "not data.source"),
         (["unet.eval_every=0"], "unet.eval_every: must be positive"),

@@ -449,15 +449,14 @@ def _check_targets(cfg: RunConfig) -> None:
                 raise ConfigError(f"{name}.{key}: needs {name}.eval_every (steps between measurements)")
         if stage.decay_at is not None and stage.lr_scheduler != "warmup_stable_decay":
             raise ConfigError(f"{name}.decay_at: needs {name}.lr_scheduler: warmup_stable_decay")
-    if cfg.vae.target is not None and cfg.data.holdout == 0:
-        raise ConfigError("vae.target: the PSNR is measured on held-out images: set data.holdout > 0")
-    if cfg.unet.target is not None:
-        if cfg.data.source is not None:
-            raise ConfigError(
-                "unet.target: adherence is measured for the built-in datasets (shapes, digits), not data.source"
-            )
-        if not 0 < cfg.unet.target <= 1:
-            raise ConfigError(f"unet.target: adherence is a fraction in (0, 1], got {cfg.unet.target}")
+    if cfg.vae.eval_every is not None and cfg.data.holdout == 0:
+        raise ConfigError("vae.eval_every: the PSNR is measured on held-out images: set data.holdout > 0")
+    if cfg.unet.eval_every is not None and cfg.data.source is not None:
+        raise ConfigError(
+            "unet.eval_every: adherence is measured for the built-in datasets (shapes, digits), not data.source"
+        )
+    if cfg.unet.target is not None and not 0 < cfg.unet.target <= 1:
+        raise ConfigError(f"unet.target: adherence is a fraction in (0, 1], got {cfg.unet.target}")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -372,12 +372,11 @@ def run_loop(
     if steps is None and max_minutes is None:
         raise ValueError("run_loop needs steps, max_minutes or both")
     limit = steps if steps is not None else sys.maxsize
+    uses_wsd = cfg.lr_scheduler == "warmup_stable_decay"
     wsd = WarmupStableDecay(cfg.warmup_steps, cfg.decay_fraction, cfg.lr_floor)
 
     def schedule(total: int) -> Callable[[int], float]:
-        if cfg.lr_scheduler == "warmup_stable_decay":
-            return wsd
-        return lr_factor(cfg.lr_scheduler, cfg.warmup_steps, total)
+        return wsd if uses_wsd else lr_factor(cfg.lr_scheduler, cfg.warmup_steps, total)
 
     plan = {"steps": limit, "factor": schedule(limit)}
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: plan["factor"](step))
@@ -492,8 +491,7 @@ def run_loop(
                 stopped_by = "target"
                 bar.write(f"{desc}: target reached at step {step}")
                 break
-            decay_at = quality.decay_at if cfg.lr_scheduler == "warmup_stable_decay" else None
-            if wsd.start is None and decay_at is not None and value >= decay_at:
+            if uses_wsd and wsd.start is None and quality.decay_at is not None and value >= quality.decay_at:
                 updates = lr_scheduler.last_epoch
                 wsd.begin(updates, updates + max(1, round(cfg.decay_fraction * updates)))
                 bar.write(f"{desc}: step {step}: the LR decays over the next {wsd.end - wsd.start} steps")
@@ -509,7 +507,7 @@ def run_loop(
             plan["steps"] = max(step, min(limit, int(accelerator.gather(torch.tensor([fits])).min())))
             plan["factor"] = schedule(plan["steps"])
             bar.total = plan["steps"]
-        if plan["steps"] - step <= cfg.decay_fraction * step:  # a ceiling comes near: decay to it
+        if uses_wsd and plan["steps"] - step <= cfg.decay_fraction * step:  # a ceiling nears: decay to it
             wsd.begin(lr_scheduler.last_epoch, lr_scheduler.last_epoch + plan["steps"] - step)
         if new_minute:
             minutes_reported = int(elapsed)

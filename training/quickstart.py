@@ -17,7 +17,7 @@ from ldm_pipeline.images import image_grid
 from ldm_pipeline.loading import load_pipeline
 from ldm_pipeline.presets import build_unet, build_vae, get_preset
 
-from .config import RunConfig, config_from_dict
+from .config import RunConfig, StageConfig, config_from_dict
 from .loop import make_optimizer
 from .run import quality_summary, train
 from .vae import Autoencode
@@ -82,17 +82,33 @@ def _time_steps(step: Callable[[], None], warmup: int = 2, timed: int = 3) -> fl
     return (time.perf_counter() - start) / timed
 
 
+def synthetic_inputs(cfg: RunConfig) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Random training inputs of the run's VAE (images) and UNet (latents, timesteps, text
+    embeddings) at their configured batch sizes, shaped as the preset's models take them."""
+    preset = get_preset(cfg.model)
+    side, factor = cfg.data.resolution, 2 ** (len(preset.vae.channels) - 1)
+    generator = torch.Generator().manual_seed(0)
+    n = cfg.unet.batch_size
+    return {
+        "vae": (torch.rand((cfg.vae.batch_size, 3, side, side), generator=generator) * 2 - 1,),
+        "unet": (
+            torch.randn((n, preset.vae.latent_channels, side // factor, side // factor), generator=generator),
+            torch.randint(0, 1000, (n,), generator=generator),
+            torch.randn((n, preset.text.max_length, preset.text.hidden_size), generator=generator),
+        ),
+    }
+
+
 def seconds_per_step(cfg: RunConfig) -> dict[str, float]:
     """A few training steps of the run's VAE and UNet, on random data at the configured batch
     sizes and precision: this machine's pace for each stage, before any data is made."""
     preset = get_preset(cfg.model)
     bf16 = (default_mixed_precision() if cfg.mixed_precision == "auto" else cfg.mixed_precision) == "bf16"
     autocast = partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=bf16 and not torch.cuda.is_available())
-    side = cfg.data.resolution
-    generator = torch.Generator().manual_seed(0)
+    inputs = synthetic_inputs(cfg)
 
-    def trainer(model: torch.nn.Module, loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
-        optimizer = make_optimizer(model.parameters(), cfg.vae)
+    def trainer(model: torch.nn.Module, stage: StageConfig, loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        optimizer = make_optimizer(model.parameters(), stage)
 
         def step() -> None:
             with autocast():
@@ -104,15 +120,12 @@ def seconds_per_step(cfg: RunConfig) -> dict[str, float]:
         return step
 
     autoencode = Autoencode(build_vae(preset))
-    images = torch.rand((cfg.vae.batch_size, 3, side, side), generator=generator) * 2 - 1
-    paces = {"vae": _time_steps(trainer(autoencode, lambda: autoencode(images)[0].float().pow(2).mean()))}
+    vae_loss = lambda: autoencode(*inputs["vae"])[0].float().pow(2).mean()  # noqa: E731
+    paces = {"vae": _time_steps(trainer(autoencode, cfg.vae, vae_loss))}
     unet = build_unet(preset)
     use_cpu_attention(unet)
-    n, factor = cfg.unet.batch_size, 2 ** (len(preset.vae.channels) - 1)
-    latents = torch.randn((n, preset.vae.latent_channels, side // factor, side // factor), generator=generator)
-    text = torch.randn((n, preset.text.max_length, preset.text.hidden_size), generator=generator)
-    t = torch.randint(0, 1000, (n,), generator=generator)
-    paces["unet"] = _time_steps(trainer(unet, lambda: unet(latents, t, text).sample.float().pow(2).mean()))
+    unet_loss = lambda: unet(*inputs["unet"]).sample.float().pow(2).mean()  # noqa: E731
+    paces["unet"] = _time_steps(trainer(unet, cfg.unet, unet_loss))
     return paces
 
 
