@@ -34,7 +34,7 @@ def test_imagefolder_with_metadata_jsonl_and_csv(tmp_path):
         "".join(json.dumps({"file_name": f"{i}.png", "text": f"cap {i}"}) + "\n" for i in range(3))
     )
     ds = load_source(jsonl)
-    assert ds.column_names == ["image", "text"] and _captions(ds) == ["cap 0", "cap 1", "cap 2"]
+    assert ds.column_names == ["image", "text", "skip"] and _captions(ds) == ["cap 0", "cap 1", "cap 2"]
     assert decode_image(ds[0]["image"]).size == (12, 8)
 
     csv = tmp_path / "csv"
@@ -169,6 +169,73 @@ def test_each_broken_file_is_skipped_with_its_reason(tmp_path):
     assert len(found.rows) == 8 and "8 of 12 images usable, 4 skipped" in found.summary()
     with pytest.raises(SkippedImage, match="file not found"):
         decode_image(str(tmp_path / "gone.png"))
+
+
+def _reasons(found):
+    return sorted(s.reason.split(" (")[0] for s in found.skipped)
+
+
+def test_a_caption_file_that_is_not_utf8_skips_only_its_image(tmp_path):
+    for name in ("a", "b", "c"):
+        _png(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text(f"picture {name}")
+    (tmp_path / "b.txt").write_bytes(b"caf\xe9 au lait")
+    found = scan(load_source(tmp_path), progress=False)
+    assert len(found.rows) == 2 and [s.item.rsplit("/", 1)[-1] for s in found.skipped] == ["b.png"]
+    assert found.skipped[0].reason == "caption file not UTF-8: b.txt (byte 0xe9 at 3)"
+
+
+def test_bad_rows_of_a_metadata_file_are_skipped_and_reported(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        _png(data / f"{i}.png")
+    _png(tmp_path / "outside.png")  # a readable image: used if the path were followed
+    lines = [
+        json.dumps({"file_name": "0.png", "text": "kept"}),
+        json.dumps({"file_name": "../outside.png", "text": "climbs out"}),
+        json.dumps({"file_name": str(tmp_path / "outside.png"), "text": "absolute, outside"}),
+        "{not json",
+        json.dumps(["a", "list"]),
+        json.dumps({"file_name": 7, "text": "a number"}),
+    ]
+    (data / "metadata.jsonl").write_bytes(
+        "\n".join(lines).encode() + b'\n{"file_name": "1.png", "text": "caf\xe9"}\n'
+        + json.dumps({"file_name": "2.png", "text": "also kept"}).encode() + b"\n"
+    )
+    found = scan(load_source(data), progress=False)
+    assert sorted(c for caps in found.captions for c in caps) == ["also kept", "kept"]
+    assert _reasons(found) == [
+        "bad table row: a JSON list, not an object",
+        "bad table row: not valid JSON",
+        "bad table row: text that is not UTF-8",
+        "no caption",  # 1.png: its row was refused, so no row lists it
+        "no image path: got 7",
+        "path outside the data folder: ../outside.png",
+        f"path outside the data folder: {tmp_path / 'outside.png'}",
+    ]
+    assert "(metadata.jsonl line 2)" in found.skipped[0].reason
+
+
+def test_bad_rows_of_a_csv_table_are_skipped_and_a_table_that_cannot_be_read_names_itself(tmp_path):
+    _png(tmp_path / "0.png")
+    _png(tmp_path / "1.png")
+    (tmp_path / "pairs.csv").write_bytes(b'path,caption\n0.png,zero\n1.png,one,stray\n"1.png","caf\xe9"\n1.png,\n')
+    found = scan(load_source(tmp_path / "pairs.csv"), progress=False)
+    assert found.captions == [["zero"]] and _reasons(found) == [
+        "bad table row: 3 fields where the header has 2",
+        "bad table row: text that is not UTF-8",
+        "no caption",
+    ]
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(SourceError, match="empty.csv: empty CSV file"):
+        load_source(tmp_path / "empty.csv")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(SourceError, match="broken.parquet: not a readable Parquet file"):
+        load_source(tmp_path / "broken.parquet")
+    (tmp_path / "array.json").write_text('[{"path": "0.png", "caption": "a"}, 3')
+    with pytest.raises(SourceError, match="array.json: not valid JSON at line 1"):
+        load_source(tmp_path / "array.json")
 
 
 def test_buckets_cover_the_area_in_multiples_of_the_step():

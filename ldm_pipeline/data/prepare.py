@@ -67,6 +67,9 @@ def scan(
     result = Scan(total=len(ds))
     for row, item in enumerate(tqdm(ds, desc="decode images", disable=not progress, leave=False)):
         name = describe(item["image"], row)
+        if item.get("skip"):
+            result.skipped.append(Skipped(name, item["skip"]))
+            continue
         captions = captions_of(item["text"])
         if not captions:
             result.skipped.append(Skipped(name, NO_CAPTION))

@@ -1,4 +1,4 @@
-"""User image+caption sources as one ``datasets.Dataset`` with columns ``image`` and ``text``.
+"""User image+caption sources as one ``datasets.Dataset`` with columns ``image``, ``text``, ``skip``.
 
 One call, whatever the source (`load_source`):
 
@@ -11,7 +11,9 @@ One call, whatever the source (`load_source`):
 Images are left undecoded (``datasets.Image(decode=False)``: a path or the bytes) so that
 `ldm_pipeline.data.decode.decode_image` decides what is usable and why not, instead of one bad
 file raising in the middle of an epoch. ``text`` holds a string or a list of strings (several
-captions for one image).
+captions for one image). ``skip`` is None, or why the source itself refused the row before any
+image was read (a table row that does not parse, a caption file that is not UTF-8, a path that
+leaves the data folder): `ldm_pipeline.data.prepare.scan` reports those rows with the rest.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from pathlib import Path
 
 import datasets
 
+from .tables import TABLE_SUFFIXES, TableError, read_table
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-TABLE_BUILDERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# A data folder's own table, in the order looked for (``datasets``' imagefolder names).
+METADATA_SUFFIXES = (".jsonl", ".csv", ".parquet")
 # Column names tried, in order, when the user names none.
 IMAGE_COLUMNS = ("image", "file_name", "image_path", "path", "file")
 CAPTION_COLUMNS = ("text", "caption", "prompt")
@@ -43,19 +48,92 @@ def _pick(columns: list[str], named: str | None, candidates: tuple[str, ...], wh
     raise SourceError(f"{source}: no {what} column (tried {list(candidates)}); columns are {columns}; name one")
 
 
+def _with_skip_column(ds: datasets.Dataset) -> datasets.Dataset:
+    return ds.add_column("skip", [None] * len(ds), feature=datasets.Value("string"))
+
+
 def _normalise(
-    ds: datasets.Dataset, image_column: str | None, caption_column: str | None, source: str, base: Path | None
+    ds: datasets.Dataset, image_column: str | None, caption_column: str | None, source: str
 ) -> datasets.Dataset:
-    """Keep the image and caption columns as ``image`` (undecoded) and ``text``."""
+    """Keep a ``datasets`` dataset's image and caption columns as ``image`` (undecoded) and ``text``."""
     image = _pick(ds.column_names, image_column, IMAGE_COLUMNS, "image", source)
     text = _pick(ds.column_names, caption_column, CAPTION_COLUMNS, "caption", source)
     ds = ds.select_columns([image, text]) if image != text else ds.select_columns([image])
-    if base is not None and not isinstance(ds.features[image], datasets.Image):
-        # Paths in a table are relative to the table's folder.
-        ds = ds.map(lambda row: {image: str(base / row[image]) if row[image] else row[image]})
     ds = ds.cast_column(image, datasets.Image(decode=False))
     ds = ds.rename_columns({k: v for k, v in ((image, "image"), (text, "text")) if k != v})
-    return ds.select_columns(["image", "text"])
+    return _with_skip_column(ds.select_columns(["image", "text"]))
+
+
+def _rows(images: list, texts: list, skips: list[str | None]) -> datasets.Dataset:
+    """Rows read here as a dataset; ``text`` holds strings, or lists of them if any row has several."""
+    several = any(isinstance(t, list) for t in texts)
+    if several:
+        texts = [t if t is None or isinstance(t, list) else [t] for t in texts]
+    texts = [None if t is None else [str(c) for c in t] if isinstance(t, list) else str(t) for t in texts]
+    caption = datasets.Sequence(datasets.Value("string")) if several else datasets.Value("string")
+    features = datasets.Features(
+        {"image": datasets.Image(decode=False), "text": caption, "skip": datasets.Value("string")}
+    )
+    return datasets.Dataset.from_dict({"image": images, "text": texts, "skip": skips}, features=features)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    # Decided on the path as written (``..`` folded), before anything is opened: a link the user
+    # placed inside the folder is followed, a path that climbs out of it is never read.
+    return os.path.abspath(path).startswith(os.path.join(os.path.abspath(folder), ""))
+
+
+def _image_cell(value: object, base: Path, within: Path | None) -> tuple[object, str | None]:
+    """A table's image cell as a path (relative to ``base``) or bytes, or why it cannot be used."""
+    if isinstance(value, dict) and value.get("bytes"):
+        return {"bytes": value["bytes"], "path": value.get("path")}, None
+    if not isinstance(value, str) or not value.strip():
+        return None, f"no image path: got {value!r}"
+    path = base / value
+    if within is not None and not _inside(path, within):
+        return None, f"path outside the data folder: {value} (refused, not read)"
+    return str(path), None
+
+
+def _table(
+    table: Path, image_column: str | None, caption_column: str | None, within: Path | None
+) -> datasets.Dataset:
+    """A CSV / JSONL / JSON / Parquet table of image paths, relative to its folder, and captions.
+
+    Args:
+        within: where every image must lie (a data folder's own metadata file), or None.
+    """
+    try:
+        columns, rows = read_table(table)
+    except TableError as err:
+        raise SourceError(str(err)) from err
+    if not rows:
+        raise SourceError(f"{table}: no rows")
+    image = _pick(columns, image_column, IMAGE_COLUMNS, "image", str(table))
+    text = _pick(columns, caption_column, CAPTION_COLUMNS, "caption", str(table))
+    images, texts, skips = [], [], []
+    for row in rows:
+        cell, problem = _image_cell(row.cells.get(image), table.parent, within) if not row.problem else (None, None)
+        problem = row.problem or problem
+        images.append(cell)
+        texts.append(None if problem else row.cells.get(text))
+        skips.append(f"{problem} ({row.where})" if problem else None)
+    return _rows(images, texts, skips)
+
+
+def _caption_file(path: Path) -> tuple[str | None, str | None]:
+    """The caption beside an image (None when there is none), or why it cannot be read."""
+    caption = path.with_suffix(".txt")
+    if not caption.is_file():
+        return None, None
+    try:
+        data = caption.read_bytes()
+    except OSError as err:
+        return None, f"unreadable caption file: {caption.name}: {err.strerror or err}"
+    try:
+        return data.decode("utf-8-sig").strip(), None
+    except UnicodeDecodeError as err:
+        return None, f"caption file not UTF-8: {caption.name} (byte {data[err.start]:#04x} at {err.start})"
 
 
 def _text_folder(folder: Path) -> datasets.Dataset:
@@ -63,23 +141,20 @@ def _text_folder(folder: Path) -> datasets.Dataset:
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not images:
         raise SourceError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) and no metadata file")
-    texts = []
-    for path in images:
-        caption = path.with_suffix(".txt")
-        texts.append(caption.read_text(encoding="utf-8").strip() if caption.is_file() else None)
-    return datasets.Dataset.from_dict({"image": [str(p) for p in images], "text": texts})
+    texts, skips = zip(*(_caption_file(p) for p in images), strict=True)
+    return _rows([str(p) for p in images], list(texts), list(skips))
 
 
 def _with_unlisted(ds: datasets.Dataset, folder: Path) -> datasets.Dataset:
     """Images in the folder that the metadata file does not list, added with no caption, so that
-    the skip report names them instead of ``imagefolder`` leaving them out unseen."""
+    the skip report names them instead of leaving them out unseen."""
     listed = {str(Path(cell["path"]).resolve()) for cell in ds["image"] if cell and cell.get("path")}
     images = (p for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS)
     unlisted = [str(p) for p in images if str(p.resolve()) not in listed]
     if not unlisted:
         return ds
-    extra = datasets.Dataset.from_dict({"image": unlisted, "text": [None] * len(unlisted)})
-    extra = extra.cast_column("image", datasets.Image(decode=False)).cast(ds.features)
+    nothing = [None] * len(unlisted)
+    extra = datasets.Dataset.from_dict({"image": unlisted, "text": nothing, "skip": nothing}, features=ds.features)
     return datasets.concatenate_datasets([ds, extra])
 
 
@@ -97,7 +172,7 @@ def load_source(
     image_column: str | None = None,
     split: str = "train",
 ) -> datasets.Dataset:
-    """Load any supported source as a ``Dataset`` with ``image`` (undecoded) and ``text`` columns.
+    """Load any supported source as a ``Dataset`` with ``image`` (undecoded), ``text`` and ``skip`` columns.
 
     Args:
         source: a folder, a CSV/JSONL/Parquet file, a ``save_to_disk`` folder or a Hub dataset id.
@@ -112,18 +187,19 @@ def load_source(
     path = Path(source)
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
-            ds = _split(datasets.load_from_disk(str(path)), split, name)
-            return _normalise(ds, image_column, caption_column, name, None)
-        if any((path / f"metadata{ext}").is_file() for ext in (".jsonl", ".csv", ".parquet")):
-            ds = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
-            return _with_unlisted(_normalise(ds, image_column, caption_column, name, None), path)
-        return _normalise(_text_folder(path), None, None, name, None)
+            try:
+                ds = _split(datasets.load_from_disk(str(path)), split, name)
+            except (OSError, ValueError, KeyError) as err:
+                raise SourceError(f"{name}: a broken save_to_disk folder: {err}") from err
+            return _normalise(ds, image_column, caption_column, name)
+        metadata = [path / f"metadata{ext}" for ext in METADATA_SUFFIXES if (path / f"metadata{ext}").is_file()]
+        if metadata:
+            return _with_unlisted(_table(metadata[0], image_column, caption_column, within=path), path)
+        return _text_folder(path)
     if path.is_file():
-        builder = TABLE_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise SourceError(f"{name}: a file source must be one of {sorted(TABLE_BUILDERS)}")
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-        return _normalise(ds, image_column, caption_column, name, path.parent)
+        if path.suffix.lower() not in TABLE_SUFFIXES:
+            raise SourceError(f"{name}: a file source must be one of {list(TABLE_SUFFIXES)}")
+        return _table(path, image_column, caption_column, within=None)
     # Not a file or folder here: a Hub id ("name" or "owner/name") or a mistyped path.
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
         raise SourceError(f"data source not found: {name}")
@@ -131,7 +207,7 @@ def load_source(
         ds = datasets.load_dataset(name, split=split)
     except (FileNotFoundError, ConnectionError, ValueError) as err:
         raise SourceError(f"could not load the Hub dataset {name!r}: {str(err).splitlines()[0]}") from err
-    return _normalise(ds, image_column, caption_column, name, None)
+    return _normalise(ds, image_column, caption_column, name)
 
 
 def captions_of(value: str | list | None) -> list[str]:
