@@ -200,8 +200,10 @@ def test_bad_rows_of_a_metadata_file_are_skipped_and_reported(tmp_path):
         json.dumps({"file_name": 7, "text": "a number"}),
     ]
     (data / "metadata.jsonl").write_bytes(
-        "\n".join(lines).encode() + b'\n{"file_name": "1.png", "text": "caf\xe9"}\n'
-        + json.dumps({"file_name": "2.png", "text": "also kept"}).encode() + b"\n"
+        "\n".join(lines).encode()
+        + b'\n{"file_name": "1.png", "text": "caf\xe9"}\n'
+        + json.dumps({"file_name": "2.png", "text": "also kept"}).encode()
+        + b"\n"
     )
     found = scan(load_source(data), progress=False)
     assert sorted(c for caps in found.captions for c in caps) == ["also kept", "kept"]

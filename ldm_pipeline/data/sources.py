@@ -95,9 +95,7 @@ def _image_cell(value: object, base: Path, within: Path | None) -> tuple[object,
     return str(path), None
 
 
-def _table(
-    table: Path, image_column: str | None, caption_column: str | None, within: Path | None
-) -> datasets.Dataset:
+def _table(table: Path, image_column: str | None, caption_column: str | None, within: Path | None) -> datasets.Dataset:
     """A CSV / JSONL / JSON / Parquet table of image paths, relative to its folder, and captions.
 
     Args:
