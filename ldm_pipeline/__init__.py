@@ -1,5 +1,6 @@
 """ldm-pipeline: latent diffusion text-to-image on Hugging Face diffusers."""
 
+from . import _quiet  # noqa: F401  (first: it filters a notice raised while diffusers imports)
 from .pipeline import LatentDiffusionPipeline
 from .presets import PRESETS, ModelPreset, build_pipeline, get_preset
 from .tokenizer import load_clip_tokenizer

@@ -16,6 +16,8 @@ from pathlib import Path
 import yaml
 from huggingface_hub import HfApi, ModelCardData
 
+from .yaml_io import parse_yaml
+
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 # What a model repository gets: weights as safetensors, configs, tokenizer files, the card, images.
 UPLOAD_SUFFIXES = (".safetensors", ".json", ".txt", ".md", ".png")
@@ -35,7 +37,16 @@ def _kind(model_dir: Path) -> str:
 
 
 def _read(path: Path, loader) -> dict:
-    return loader(path.read_text(encoding="utf-8")) or {} if path.is_file() else {}
+    """A run's side file (config, report) as a mapping; {} when absent; a clear error when broken."""
+    if not path.is_file():
+        return {}
+    try:
+        data = loader(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise HubError(f"{path}: unreadable ({err}); fix or remove it to write the model card") from err
+    if data is not None and not isinstance(data, dict):
+        raise HubError(f"{path}: expected a mapping, got a {type(data).__name__}; fix or remove it")
+    return data or {}
 
 
 def _metric_lines(train_report: dict, evaluation: dict) -> list[str]:
@@ -72,7 +83,7 @@ def model_card(model_dir: str | Path, repo_id: str, license: str = "apache-2.0",
     model_dir = Path(model_dir)
     kind = _kind(model_dir)
     run = model_dir.parent
-    config = _read(run / "config.yaml", yaml.safe_load)
+    config = _read(run / "config.yaml", lambda text: parse_yaml(text, str(run / "config.yaml")))
     report = _read(run / "train_report.json", json.loads)
     evaluation = _read(run / "eval.json", json.loads)
     base_model = config.get("pretrained") or (config.get("unet") or {}).get("pretrained")

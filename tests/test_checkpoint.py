@@ -189,6 +189,12 @@ def test_resume_refuses_a_config_that_changes_the_maths(tmp_path):
     assert json.loads((tmp_path / "train_report.json").read_text())["unet"]["steps"] == report["unet"]["steps"]
     with pytest.raises(ConfigError, match="holds no run"):
         train(cfg, tmp_path / "elsewhere", resume="latest")
+    (tmp_path / "config.yaml").write_text("unet: {steps: 2\n")  # a hand edit gone wrong
+    with pytest.raises(ConfigError, match=r"resume: the run's own config is broken: .*config.yaml, line 2, column 1"):
+        train(cfg, tmp_path, resume="latest")
+    (tmp_path / "config.yaml").write_text("[]\n")
+    with pytest.raises(ConfigError, match="config.yaml is not a run config"):
+        train(cfg, tmp_path, resume="latest")
 
 
 def test_export_turns_a_checkpoint_into_the_pipeline_the_run_saved(tmp_path, capsys):

@@ -116,3 +116,14 @@ def test_eval_writes_report(tiny_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse rejects an unknown dataset before any work
         main(["eval", "--model", str(tiny_dir), "--dataset", "faces", "--out", str(out)])
     assert "invalid choice: 'faces'" in capsys.readouterr().err
+
+
+def test_commands_print_no_notice_a_user_cannot_act_on(tmp_path):
+    # transformers' "requires torchvision (not installed)" notice came on every command.
+    proc = subprocess.run(
+        [sys.executable, "-m", "ldm_pipeline.cli", "train", str(tmp_path / "none.yaml")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"ldm train: error: config file not found: {tmp_path / 'none.yaml'}"]

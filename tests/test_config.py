@@ -35,6 +35,10 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
         ({"unet": {"noise_offset": -0.1}}, "unet.noise_offset: must be >= 0"),
         ({"unet": {"optimizer": "sgd"}}, r"unet.optimizer: must be one of \['adamw', 'adamw8bit'\]"),
         ({"report_to": "mlflow"}, "report_to: must be one of"),
+        ({"unet": {"learning_rate": float("inf")}}, "unet.learning_rate: must be a finite number, got inf"),
+        ({"unet": {"max_grad_norm": float("nan")}}, "unet.max_grad_norm: must be a finite number, got nan"),
+        ({"vae": {"target": float("-inf")}}, "vae.target: must be a finite number"),
+        (["unet"], "a run config must be a mapping of keys"),
     ],
 )
 def test_bad_configs_name_the_key(data, message):
@@ -73,3 +77,46 @@ def test_bare_no_in_yaml_means_the_string_no(tmp_path):
     path.write_text("mixed_precision: no\n")
     assert load_config(path).mixed_precision == "no"
     assert load_config(None, ["mixed_precision=no"]).mixed_precision == "no"
+
+
+def test_numbers_as_people_write_them(tmp_path):
+    # YAML 1.1 reads 1e-4 as a string; YAML 1.2, and every user, as a float.
+    path = tmp_path / "run.yaml"
+    path.write_text("unet:\n  learning_rate: 1e-4\nvae:\n  learning_rate: 3E-3\n  kl_weight: 1e-6\n")
+    cfg = load_config(path, ["unet.max_grad_norm=5e-1", "clip.learning_rate=+2e-4"])
+    assert (cfg.unet.learning_rate, cfg.vae.learning_rate, cfg.vae.kl_weight) == (1e-4, 3e-3, 1e-6)
+    assert (cfg.unet.max_grad_norm, cfg.clip.learning_rate) == (0.5, 2e-4)
+    assert load_config(None, ["unet.steps=12"]).unet.steps == 12  # integers stay integers
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("- vae\n- unet\n", r"run.yaml: a run config must be a mapping of keys .*got a list"),
+        ("just words\n", r"run.yaml: a run config must be a mapping of keys .*got a str \('just words'\)"),
+        ("42\n", "got a int"),
+        ("unet:\n  steps: [1, 2\n", r"run.yaml, line 3, column 1: not valid YAML: .*expected ',' or ']'"),
+        ("unet:\n\tsteps: 3\n", r"run.yaml, line 2, column 1: not valid YAML: .*'\\t' that cannot start any token"),
+        (
+            "unet: {steps: 1}\nunet: {steps: 2}\n",
+            "run.yaml, line 2, column 1: not valid YAML: the key 'unet' is given twice",
+        ),
+        ("unet:\n  learning_rate: .inf\n", "unet.learning_rate: must be a finite number, got inf"),
+    ],
+)
+def test_broken_config_files_get_one_line_naming_file_line_and_problem(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_broken_overrides_and_encodings_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match=r"override 'unet.steps=\[1', line 1, column 3: not valid YAML"):
+        load_config(None, ["unet.steps=[1"])
+    with pytest.raises(ConfigError, match="unet.learning_rate: must be a finite number, got nan"):
+        load_config(None, ["unet.learning_rate=.nan"])
+    (tmp_path / "utf16.yaml").write_bytes("unet: {}".encode("utf-16"))
+    with pytest.raises(ConfigError, match=r"utf16.yaml: not UTF-8 text \(byte 0xff at 0\)"):
+        load_config(tmp_path / "utf16.yaml")

@@ -64,6 +64,21 @@ def test_card_of_a_lora_names_its_base_model_and_dataset(tmp_path):
         model_card(tmp_path, "me/x")
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("config.yaml", "unet: [1\n", r"config.yaml, line 2, column 1: not valid YAML"),
+        ("config.yaml", "- a list\n", "config.yaml: expected a mapping, got a list"),
+        ("train_report.json", "{not json", r"train_report.json: unreadable \(Expecting property name"),
+        ("eval.json", "[1, 2]", "eval.json: expected a mapping, got a list"),
+    ],
+)
+def test_a_broken_side_file_of_the_run_is_named_when_writing_the_card(run_dir, name, text, message):
+    (run_dir / name).write_text(text)
+    with pytest.raises(HubError, match=message):
+        model_card(run_dir / "pipeline", "me/shapes")
+
+
 def test_push_refuses_pickle_weights(run_dir):
     torch.save({"w": torch.zeros(1)}, run_dir / "pipeline" / "unet" / "diffusion_pytorch_model.bin")
     with pytest.raises(HubError, match="pickle weights"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 import re
 import types
 import typing
@@ -20,6 +21,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from ldm_pipeline.loading import ModelLoadError, load_component_config
 from ldm_pipeline.presets import PRESETS, SD_NOISE_SCHEDULE, get_preset
+from ldm_pipeline.yaml_io import YAMLSyntaxError, parse_yaml, read_yaml
 
 STAGES = ("vae", "clip", "unet")
 
@@ -271,7 +273,14 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
         return float(value)
     if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):
         raise ConfigError(f"{key}: must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    if hint is float and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
     return value
+
+
+def _kind(data: Any) -> str:
+    """How an error names a YAML value that should have been a mapping."""
+    return "an empty list" if data == [] else f"a {type(data).__name__} ({str(data)[:40]!r})"
 
 
 def _from_dict(cls: type, data: Any, prefix: str) -> Any:
@@ -475,14 +484,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node[part] = dict(child)
             node = node[part]
         try:
-            node[parts[-1]] = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
+            node[parts[-1]] = parse_yaml(text, f"override {item!r}")
+        except YAMLSyntaxError as err:
+            raise ConfigError(str(err)) from err
     return data
 
 
 def config_from_dict(data: dict, overrides: list[str] | None = None) -> RunConfig:
     """Build and validate a `RunConfig` from a (possibly partial) nested dict."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"a run config must be a mapping of keys (model:, data:, unet: ...), got {_kind(data)}")
     return validate(_from_dict(RunConfig, apply_overrides(data or {}, overrides or []), ""))
 
 
@@ -494,9 +505,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+            data = read_yaml(path)
+        except YAMLSyntaxError as err:
+            raise ConfigError(str(err)) from err
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(
+                f"{path}: a run config must be a mapping of keys (model:, data:, unet: ...), got {_kind(data)}"
+            )
     return config_from_dict(data, overrides)
 
 

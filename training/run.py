@@ -21,8 +21,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
 from accelerate.utils import set_seed
+
+from ldm_pipeline.yaml_io import YAMLSyntaxError, read_yaml
 
 from .checkpoint import CheckpointError, latest_checkpoint
 from .clip import train_clip
@@ -76,7 +77,13 @@ def _resume_points(cfg: RunConfig, out: Path, stages: list[str], resume: str, fo
     saved_path = out / "config.yaml"
     if not saved_path.is_file():
         raise ConfigError(f"resume: {out} holds no run (no config.yaml)")
-    changes = config_changes(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}, cfg)
+    try:
+        saved = read_yaml(saved_path)
+    except YAMLSyntaxError as err:
+        raise ConfigError(f"resume: the run's own config is broken: {err}") from err
+    if not isinstance(saved, dict):
+        raise ConfigError(f"resume: {saved_path} is not a run config (a {type(saved).__name__}, not a mapping)")
+    changes = config_changes(saved, cfg)
     if changes and not force:
         raise ConfigError(
             "resume: the config differs from the run's in what it computes: "
