@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import re
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors import SafetensorError
 from transformers import CLIPTextModel
 
 from .pipeline import LatentDiffusionPipeline
@@ -21,6 +24,15 @@ class ModelLoadError(ValueError):
 
 # The pipeline's weighted components and their classes: loaded one by one, strictly.
 MODEL_COMPONENTS = {"vae": AutoencoderKL, "text_encoder": CLIPTextModel, "unet": UNet2DConditionModel}
+
+
+# model_index.json may name classes of these libraries only: loading imports the library named.
+INDEX_LIBRARIES = ("diffusers", "transformers")
+
+
+def non_finite_keys(model: torch.nn.Module) -> list[str]:
+    """The floating-point weights of ``model`` that hold a NaN or an infinity."""
+    return [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 def _first_line(err: Exception) -> str:
@@ -49,7 +61,7 @@ def load_model(cls: type, source: str, subfolder: str | None = None, allow_pickl
             output_loading_info=True,
             **kwargs,
         )
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
         pickles = (
             [f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
             if (os.path.isdir(folder))
@@ -66,7 +78,41 @@ def load_model(cls: type, source: str, subfolder: str | None = None, allow_pickl
     if problems:
         detail = "; ".join(f"{k.replace('_', ' ')}: {v[:5]}{' ...' if len(v) > 5 else ''}" for k, v in problems.items())
         raise ModelLoadError(f"the weights in {where} do not match {cls.__name__}'s config: {detail}")
+    # Checked once here, so that a damaged file never reaches sampling or a saved fine-tune.
+    bad = non_finite_keys(model)
+    if bad:
+        raise ModelLoadError(
+            f"{where} holds non-finite weights (NaN or Inf) in {bad[:5]}{' ...' if len(bad) > 5 else ''}: "
+            "the file is damaged or was saved from a run that diverged"
+        )
     return model
+
+
+def _check_model_index(folder: str) -> None:
+    """Refuse a ``model_index.json`` that is not JSON or names a library or class that is not there."""
+    path = os.path.join(folder, "model_index.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{path}: not valid JSON: {err}") from err
+    if not isinstance(index, dict):
+        raise ModelLoadError(f"{path}: must be a JSON object, got a {type(index).__name__}")
+    components, _ = LatentDiffusionPipeline._get_signature_keys(LatentDiffusionPipeline)
+    for name, entry in index.items():
+        # Other keys are pipeline settings (``requires_safety_checker: false``), not components.
+        if name.startswith("_") or not (isinstance(entry, list) or name in components) or entry == [None, None]:
+            continue
+        if not isinstance(entry, list) or len(entry) != 2 or not all(isinstance(e, str) for e in entry):
+            raise ModelLoadError(f"{path}: {name} must be [library, class], got {entry}")
+        library, class_name = entry
+        if library not in INDEX_LIBRARIES:
+            raise ModelLoadError(f"{path}: {name} names the library {library!r}; only {list(INDEX_LIBRARIES)} load")
+        module = importlib.import_module(library)
+        if not hasattr(module, class_name):
+            raise ModelLoadError(
+                f"{path}: {name} names {library}.{class_name}, which {library} {module.__version__} does not have"
+            )
 
 
 def load_pipeline(
@@ -85,6 +131,7 @@ def load_pipeline(
     if os.path.exists(model):
         if not os.path.isfile(os.path.join(model, "model_index.json")):
             raise ModelLoadError(f"{model} is not a pipeline folder: it has no model_index.json")
+        _check_model_index(model)
     elif not _HUB_ID.match(model) or model.startswith((".", "/", "~")):
         raise ModelLoadError(f"model folder not found: {model}")
     parts = {
@@ -93,7 +140,7 @@ def load_pipeline(
     }
     try:
         return LatentDiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, trust_remote_code=False, **parts)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, AttributeError, ImportError, SafetensorError) as err:
         where = "folder" if os.path.exists(model) else "Hub id"
         raise ModelLoadError(f"could not load the pipeline from {where} {model!r}: {_first_line(err)}") from err
 

@@ -1,16 +1,18 @@
 """Fine-tuning a saved pipeline on a user folder: full and LoRA, broken files, diffusers-loadable LoRA."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ldm_pipeline import LatentDiffusionPipeline
 from ldm_pipeline.cli import main
+from ldm_pipeline.loading import ModelLoadError
 from training.config import ConfigError, config_from_dict
 from training.run import train
 
@@ -125,6 +127,18 @@ def test_train_cli_on_a_folder_with_nothing_usable_fails_clearly(tiny_dir, tmp_p
     )
     assert main(["train", str(config), "--output", str(tmp_path / "run")]) == 2
     assert "no usable image" in capsys.readouterr().err
+
+
+def test_finetune_from_a_pipeline_with_a_nan_in_a_frozen_part_is_refused(tiny_dir, user_folder, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dir, base)
+    (path,) = (base / "vae").glob("*.safetensors")
+    weights = load_file(path)
+    weights["encoder.conv_in.weight"][0, 0, 0, 0] = float("nan")
+    save_file(weights, path)
+    with pytest.raises(ModelLoadError, match=r"vae holds non-finite weights \(NaN or Inf\) in \['encoder.conv_in"):
+        train(_config(base, user_folder), tmp_path / "run")
+    assert not (tmp_path / "run" / "pipeline").exists()
 
 
 def test_finetune_from_a_stock_stable_diffusion_folder(user_folder, tmp_path):

@@ -1,6 +1,7 @@
 """Safe loading: safetensors only unless asked, every key checked, corrupt files named; config fuzzing."""
 
 import contextlib
+import json
 import shutil
 
 import pytest
@@ -58,6 +59,54 @@ def test_truncated_weights_and_broken_json_give_clear_errors(copy):
     (copy / UNET_WEIGHTS).write_bytes(data)
     (copy / "vae" / "config.json").write_text('{"in_channels": 3,')
     with pytest.raises(ModelLoadError, match="could not load AutoencoderKL from .*vae"):
+        load_pipeline(copy)
+
+
+def test_a_truncated_text_encoder_is_named(copy):
+    (weights,) = (copy / "text_encoder").glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match="could not load CLIPTextModel from .*text_encoder: Error while deser"):
+        load_pipeline(copy)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda index: index.update(unet=["diffusers", "UNetNowhere"]), "unet names diffusers.UNetNowhere, which diff"),
+        (lambda index: index.update(scheduler=["os", "system"]), "scheduler names the library 'os'; only"),
+        (lambda index: index.update(vae="AutoencoderKL"), r"vae must be \[library, class\], got AutoencoderKL"),
+        (lambda index: index.update(requires_safety_checker=True), None),  # a setting, not a component
+        (lambda index: index.update(tokenizer=["transformers"]), r"tokenizer must be \[library, class\]"),
+    ],
+)
+def test_a_model_index_naming_what_does_not_exist_is_refused(copy, edit, message):
+    index = json.loads((copy / "model_index.json").read_text())
+    edit(index)
+    (copy / "model_index.json").write_text(json.dumps(index))
+    if message is None:
+        load_pipeline(copy)
+        return
+    with pytest.raises(ModelLoadError, match=message):
+        load_pipeline(copy)
+
+
+def test_a_model_index_that_is_not_json_is_named(copy):
+    (copy / "model_index.json").write_text('{"unet": ["diffusers",')
+    with pytest.raises(ModelLoadError, match="model_index.json: not valid JSON"):
+        load_pipeline(copy)
+    (copy / "model_index.json").write_text("[]")
+    with pytest.raises(ModelLoadError, match="model_index.json: must be a JSON object, got a list"):
+        load_pipeline(copy)
+
+
+def test_non_finite_weights_are_refused_when_loaded_naming_the_component_and_key(copy):
+    (path,) = (copy / "vae").glob("*.safetensors")
+    weights = load_file(path)
+    weights["decoder.conv_out.bias"][0] = float("nan")
+    save_file(weights, path)
+    with pytest.raises(
+        ModelLoadError, match=r"vae holds non-finite weights \(NaN or Inf\) in \['decoder.conv_out.bias'\]"
+    ):
         load_pipeline(copy)
 
 

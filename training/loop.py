@@ -27,6 +27,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ldm_pipeline.hardware import default_mixed_precision
+from ldm_pipeline.loading import non_finite_keys
 
 from .checkpoint import CheckpointError, GeneratorState, load_checkpoint, save_checkpoint
 from .config import StageConfig
@@ -85,7 +86,7 @@ def log_images(accelerator: Accelerator, tag: str, images: list, step: int) -> N
 
 def check_finite(model: torch.nn.Module, what: str) -> None:
     """Refuse to save ``model`` when any weight is NaN or infinite (a diverged run)."""
-    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = non_finite_keys(model)
     if bad:
         raise NonFiniteError(f"not saving {what}: non-finite weights in {bad[:5]}; the last checkpoint is kept")
 
