@@ -1,5 +1,10 @@
 """The latent and text-embedding cache: keyed by what it depends on, atomic, flip-aware."""
 
+import os
+import socket
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -57,6 +62,20 @@ def test_failed_build_leaves_no_cache(pixels, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="encoder failed"):
         cached_latents(vae, pixels, tmp_path)
     assert not tmp_path.exists() or not list(tmp_path.iterdir())
+
+
+def test_a_killed_writers_temporary_folder_is_removed_by_the_next_run(pixels, tmp_path):
+    host = socket.gethostname()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = tmp_path / f".latents-0a1b.tmp.{host}.{int(gone.stdout)}.k7x_q"  # its writer has exited
+    live = tmp_path / f".texts-0a1b.tmp.{host}.{os.getpid()}.abc"  # a writer still running
+    remote = tmp_path / f".latents-0a1b.tmp.other-host.{int(gone.stdout)}.abc"  # another machine's
+    for folder in (killed, live, remote):
+        folder.mkdir()
+        (folder / "tensors.safetensors").write_bytes(b"half")
+    cached_latents(build_vae("tiny"), pixels, tmp_path)
+    assert not killed.exists() and live.exists() and remote.exists()
+    assert [p.name.startswith("latents-") for p in tmp_path.iterdir() if not p.name.startswith(".")] == [True]
 
 
 def test_text_embeddings_cache(tmp_path):

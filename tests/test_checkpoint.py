@@ -65,6 +65,38 @@ def test_pruning_keeps_the_newest_and_latest_skips_incomplete(tmp_path):
         load_checkpoint(incomplete)
 
 
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+def test_a_kill_while_pruning_never_leaves_a_half_deleted_checkpoint_under_its_name(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 2, _state(2), keep=1)
+
+    def killed_midway(path, ignore_errors=False):
+        (Path(path) / "state.safetensors").unlink()  # the first file is gone when the kill lands
+        raise _Killed
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
+    with pytest.raises(_Killed):
+        save_checkpoint(tmp_path, 4, _state(4), keep=1)
+    monkeypatch.undo()
+    steps = sorted(p for p in tmp_path.iterdir() if p.name.startswith("step-"))
+    assert [p.name for p in steps] == ["step-00000004"]  # step 2 left its step-* name before deletion began
+    for path in steps:  # every folder under a step-* name is whole
+        assert sorted(p.name for p in path.iterdir()) == [COMPLETE, "state.json", "state.safetensors"], path
+    assert latest_checkpoint(tmp_path).name == "step-00000004"
+    save_checkpoint(tmp_path, 6, _state(6), keep=1)  # the next save clears what the kill left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000006"]
+
+
+def test_a_checkpoint_missing_a_file_is_not_complete(tmp_path):
+    path = save_checkpoint(tmp_path, 2, _state(), keep=2)
+    (path / "state.safetensors").unlink()  # e.g. half deleted by an older release's pruning
+    assert latest_checkpoint(tmp_path) is None
+    with pytest.raises(CheckpointError, match=r"state.safetensors missing \(half deleted\?\)"):
+        load_checkpoint(path)
+
+
 def test_failed_or_impossible_writes_leave_earlier_checkpoints_intact(tmp_path, monkeypatch):
     save_checkpoint(tmp_path, 2, _state(), keep=1)
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -46,17 +48,42 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return content_hash(config, *model.state_dict().values())
 
 
+# A cache being written: ".<entry>.tmp.<host>.<pid>.<random>" (the writer is named, so that a
+# later run can tell a killed writer's folder from a live one's, even on a shared disk).
+_WRITING = re.compile(r"^\.(?:latents|texts)-[0-9a-f]+\.tmp\.(?P<host>.+)\.(?P<pid>\d+)\.[^.]+$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _remove_abandoned_writes(cache_dir: Path) -> None:
+    """Delete temporary cache folders whose writer, a process on this machine, is gone (killed)."""
+    host = socket.gethostname()
+    for path in cache_dir.iterdir():
+        found = _WRITING.match(path.name)
+        if found and found["host"] == host and not _alive(int(found["pid"])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _load_or_build(folder: Path, build: Callable[[], dict[str, torch.Tensor]], meta: dict) -> dict[str, torch.Tensor]:
     """Tensors from ``folder`` if it holds a finished cache, else ``build()`` them and store them there.
 
     The cache is written to a temporary folder and renamed into place, so an interrupted run
-    leaves no half-written cache. Files are read memory-mapped (safetensors' mmap backend).
+    leaves no half-written cache; the temporary folder of a killed run is removed by the next. Files are read memory-mapped (safetensors' mmap backend).
     """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_writes(folder.parent)
     if (folder / "meta.json").is_file():
         return load_file(folder / "tensors.safetensors")
     tensors = build()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp.{socket.gethostname()}.{os.getpid()}."))
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "tensors.safetensors")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))

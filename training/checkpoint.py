@@ -3,9 +3,10 @@
 A checkpoint is a folder ``step-00001234/`` holding ``state.safetensors`` (every tensor of the
 state: weights, optimiser moments, EMA, RNG states) and ``state.json`` (the structure and the
 non-tensor values), with no pickle anywhere. It is written to a temporary folder, flushed,
-marked ``COMPLETE`` and renamed into place; older checkpoints are pruned only after that, so a
-kill or a full disk at any moment leaves the previous ones intact, and `latest_checkpoint`
-never returns an incomplete one.
+marked ``COMPLETE`` and renamed into place; older checkpoints are pruned only after that, and
+pruned by a rename out of the ``step-*`` names before they are deleted, so a kill or a full disk
+at any moment leaves the previous ones intact, and `latest_checkpoint` never returns an
+incomplete or half-deleted one.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 COMPLETE = "COMPLETE"
+FILES = ("state.safetensors", "state.json")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Room kept free beyond the checkpoint's own size.
 _DISK_MARGIN = 64 * 2**20
@@ -95,7 +98,7 @@ def save_checkpoint(root: str | Path, step: int, state: dict[str, Any], keep: in
             f"{(need + _DISK_MARGIN) / 2**20:.0f} MiB and {free / 2**20:.0f} MiB are free; "
             "earlier checkpoints are intact"
         )
-    for stale in root.glob(".tmp-step-*"):  # left by a run killed while writing
+    for stale in [*root.glob(".tmp-step-*"), *root.glob(".pruned-step-*")]:  # left by a run killed mid-write
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     final = checkpoint_dir(root, step)
@@ -108,7 +111,7 @@ def save_checkpoint(root: str | Path, step: int, state: dict[str, Any], keep: in
         (tmp / COMPLETE).write_text(str(step))
         _fsync(tmp / COMPLETE)
         if final.exists():  # the same step written again after a resume
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(tmp, final)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -117,8 +120,23 @@ def save_checkpoint(root: str | Path, step: int, state: dict[str, Any], keep: in
             "earlier checkpoints are intact"
         ) from err
     for old in complete_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            _discard(old)
+        except OSError as err:  # an extra old checkpoint is kept; nothing is lost
+            print(f"could not prune the old checkpoint {old}: {err.strerror or err}", file=sys.stderr)
     return final
+
+
+def _discard(checkpoint: Path) -> None:
+    """Delete a checkpoint folder so that no kill leaves it half-deleted under its ``step-*`` name:
+    it is renamed out of that namespace first (one atomic step), then removed."""
+    doomed = checkpoint.with_name(f".pruned-{checkpoint.name}-{os.getpid()}")
+    os.replace(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file() and all((path / name).is_file() for name in FILES)
 
 
 def complete_checkpoints(root: str | Path) -> list[Path]:
@@ -126,9 +144,7 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [
-        (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / COMPLETE).is_file()
-    ]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and _is_complete(p)]
     return [p for _, p in sorted(found)]
 
 
@@ -147,6 +163,9 @@ def load_checkpoint(path: str | Path) -> tuple[int, dict[str, Any], dict]:
     path = Path(path)
     if not (path / COMPLETE).is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+    missing = [name for name in FILES if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{path} is not a complete checkpoint: {', '.join(missing)} missing (half deleted?)")
     try:
         info = json.loads((path / "state.json").read_text())
         tensors = load_file(path / "state.safetensors")
