@@ -9,6 +9,9 @@ from pathlib import Path
 
 from .schedulers import SCHEDULERS
 
+# ``ldm generate`` writes a grid of the images up to this many; beyond, the image files only.
+GRID_LIMIT = 100
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -31,7 +34,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=_positive_int, default=None, help="default: the pipeline's (20)")
     p.add_argument("--guidance", type=float, default=None, help="default: the pipeline's (2.5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=_positive_int, default=1)
+    p.add_argument("--num-images", type=_positive_int, default=1, help="image N uses the seed --seed + N")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=8, help="images sampled at once, each written as it is done"
+    )
     p.add_argument("--height", type=_positive_int, default=None, help="default: the model's size")
     p.add_argument("--width", type=_positive_int, default=None, help="default: the model's size")
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="default: the model's own")
@@ -46,6 +52,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _generate(args: argparse.Namespace) -> None:
     import torch
     from diffusers.utils import logging as diffusers_logging
+    from tqdm.auto import tqdm
     from transformers.utils import logging as transformers_logging
 
     from .images import image_grid
@@ -64,24 +71,42 @@ def _generate(args: argparse.Namespace) -> None:
         pipe.load_lora_weights(args.lora)
     if args.scheduler:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
-    images = pipe(
-        args.prompt,
-        negative_prompt=args.negative_prompt,
-        **_sampling_kwargs(args),
-        num_images_per_prompt=args.num_images,
-        height=args.height,
-        width=args.width,
-        generator=torch.Generator().manual_seed(args.seed),
-    ).images
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    if len(images) == 1:
-        images[0].save(args.out)
-        print(f"wrote {args.out}")
+    count, batch = args.num_images, min(args.batch_size, args.num_images)
+    kept = []  # for the grid; beyond GRID_LIMIT images only the files are written
+    overall = None
+    if count > batch:  # one bar over the images instead of one per batch
+        pipe.set_progress_bar_config(disable=True)
+        overall = tqdm(total=count, unit="image", desc="generate")
+    for start in range(0, count, batch):
+        seeds = range(args.seed + start, args.seed + min(start + batch, count))
+        images = pipe(
+            args.prompt,
+            negative_prompt=args.negative_prompt,
+            **_sampling_kwargs(args),
+            num_images_per_prompt=len(seeds),
+            height=args.height,
+            width=args.width,
+            # One generator per image: image N is the same in any batch (`--seed S+N --num-images 1`).
+            generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+        ).images
+        if count == 1:
+            images[0].save(args.out)
+            print(f"wrote {args.out}")
+            return
+        for i, image in enumerate(images, start):
+            image.save(args.out.with_name(f"{args.out.stem}-{i}.png"))
+        if count <= GRID_LIMIT:
+            kept.extend(images)
+        if overall is not None:
+            overall.update(len(images))
+    if overall is not None:
+        overall.close()
+    if count > GRID_LIMIT:
+        print(f"wrote {count} images as {args.out.stem}-N.png in {args.out.parent} (no grid beyond {GRID_LIMIT})")
         return
-    for i, image in enumerate(images):
-        image.save(args.out.with_name(f"{args.out.stem}-{i}.png"))
-    image_grid(images).save(args.out)
-    print(f"wrote a grid of {len(images)} images to {args.out} and each as {args.out.stem}-N.png beside it")
+    image_grid(kept).save(args.out)
+    print(f"wrote a grid of {count} images to {args.out} and each as {args.out.stem}-N.png beside it")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -307,9 +332,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except (ValueError, OSError, ArithmeticError) as err:
+        _end_progress_bars()
         print(f"ldm {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        if not _out_of_memory(err):
+            raise
+        _end_progress_bars()
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"ldm {args.command}: error: out of memory ({first}); try a smaller size or batch", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        _end_progress_bars()
+        print(f"ldm {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
+
+
+def _out_of_memory(err: RuntimeError) -> bool:
+    """torch's allocation failures: ``torch.OutOfMemoryError`` on an accelerator, a RuntimeError on the CPU."""
+    return type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(err)
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars an error cut short, so that the error starts its own line."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(tqdm._instances):
+            bar.close()
 
 
 if __name__ == "__main__":

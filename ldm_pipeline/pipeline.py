@@ -32,6 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from .memory import check_sampling_fits
 from .tokenizer import token_ids
 from .tracing import UNetTraces
 
@@ -196,6 +197,20 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             raise ValueError(
                 f"`callback_on_step_end_tensor_inputs` has {sorted(unknown)}; allowed: {self._callback_tensor_inputs}"
             )
+        # Before anything is allocated: a size or batch that cannot fit is one clear error, not an
+        # allocator's traceback (or the out-of-memory killer) minutes later.
+        images = batch * num_images_per_prompt
+        check_sampling_fits(
+            self.unet.config,
+            self.vae.config,
+            height,
+            width,
+            images,
+            guidance_scale > 1.0 and self.unet.config.time_cond_proj_dim is None,
+            self.unet.dtype,
+            self._execution_device,
+            vae_batch=1 if getattr(self.vae, "use_slicing", False) else images,
+        )
 
     def _tokenize(self, prompt: list[str]) -> torch.Tensor:
         """Token ids padded to the tokenizer's length; longer prompts are cut with a warning."""

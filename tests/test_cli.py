@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -127,3 +128,70 @@ def test_commands_print_no_notice_a_user_cannot_act_on(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [f"ldm train: error: config file not found: {tmp_path / 'none.yaml'}"]
+
+
+def test_many_images_come_in_batches_each_with_its_own_seed(tiny_dir, tmp_path, capsys, monkeypatch):
+    import ldm_pipeline.cli as cli
+
+    args = ["generate", "--model", str(tiny_dir), "--prompt", "a red circle", "--steps", "2", "--seed", "5"]
+    assert main([*args, "--num-images", "5", "--batch-size", "2", "--out", str(tmp_path / "many.png")]) == 0
+    assert Image.open(tmp_path / "many.png").size == (3 * 32, 2 * 32)
+    assert main([*args[:-1], "8", "--out", str(tmp_path / "alone.png")]) == 0  # --seed 8: image 3 of the run
+    many, other, alone = (np.asarray(Image.open(tmp_path / n), int) for n in ("many-3.png", "many-2.png", "alone.png"))
+    # The same noise; a batch of 2 and a batch of 1 round differently in the last bit at most.
+    assert np.abs(many - alone).max() <= 2 and np.abs(other - alone).max() > 20
+    monkeypatch.setattr(cli, "GRID_LIMIT", 2)
+    capsys.readouterr()
+    assert main([*args, "--num-images", "3", "--out", str(tmp_path / "nogrid.png")]) == 0
+    assert "wrote 3 images as nogrid-N.png" in capsys.readouterr().out and not (tmp_path / "nogrid.png").exists()
+    assert sorted(p.name for p in tmp_path.glob("nogrid-*.png")) == ["nogrid-0.png", "nogrid-1.png", "nogrid-2.png"]
+
+
+def test_an_error_after_a_progress_bar_starts_its_own_line(tmp_path, capsys, monkeypatch):
+    from tqdm.auto import tqdm
+
+    import ldm_pipeline.cli as cli
+
+    def fails_midway(args):
+        bar = tqdm(total=10, desc="unet")
+        bar.update(3)
+        raise ValueError("unet: 6 steps in a row had a non-finite loss")
+
+    monkeypatch.setattr(cli, "_train", fails_midway)
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("\nldm train: error: unet: 6 steps in a row had a non-finite loss\n"), repr(err)
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "message"),
+    [
+        (KeyboardInterrupt(), 130, "ldm train: interrupted"),
+        (
+            RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: 4 GB"),
+            2,
+            "ldm train: error: out of memory ([enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't",
+        ),
+    ],
+)
+def test_interrupts_and_allocation_failures_are_one_line(tmp_path, capsys, monkeypatch, raised, code, message):
+    import ldm_pipeline.cli as cli
+
+    def fails(args):
+        raise raised
+
+    monkeypatch.setattr(cli, "_train", fails)
+    assert main(["train", str(tmp_path / "c.yaml")]) == code
+    err = capsys.readouterr().err
+    assert err.startswith(message) and len(err.splitlines()) == 1
+
+
+def test_other_runtime_errors_are_not_hidden(tmp_path, monkeypatch):
+    import ldm_pipeline.cli as cli
+
+    def bug(args):
+        raise RuntimeError("a bug in the code")
+
+    monkeypatch.setattr(cli, "_train", bug)
+    with pytest.raises(RuntimeError, match="a bug in the code"):
+        main(["train", str(tmp_path / "c.yaml")])

@@ -136,6 +136,11 @@ def test_callback_changes_latents_and_stops_loop(pipe):
         ({"guidance_scale": float("nan")}, "guidance_scale"),
         ({"guidance_scale": "7"}, "guidance_scale"),
         ({"prompt": ["a", 3]}, "non-empty list of str"),
+        (
+            {"height": 65536, "width": 65536},
+            r"an image of 65536x65536 needs at least [\d,.]+ GiB of memory to sample and .* free on cpu: at most about",
+        ),
+        ({"num_images_per_prompt": 10**7}, r"10000000 images at 32x32 need at least .* image(s)? at a time fit"),
     ],
 )
 def test_bad_input_raises_value_error_naming_it(pipe, kwargs, message):
@@ -150,3 +155,19 @@ def test_long_prompt_is_cut_with_warning(pipe, caplog):
         out = pipe(long_prompt, num_inference_steps=2, output_type="latent").images
     assert out.shape == (1, 4, 16, 16)
     assert "prompt cut to 16 tokens" in caplog.text and "red" in caplog.text
+
+
+def test_the_memory_estimate_says_what_fits(pipe, monkeypatch):
+    from ldm_pipeline import memory
+
+    need = memory.LOW_FACTOR * memory.largest_activation(pipe.unet.config, pipe.vae.config, 64, 64, 1, True) * 4
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 3 * need)
+    pipe(PROMPT, num_inference_steps=1, height=64, width=64, num_images_per_prompt=3, output_type="latent")
+    with pytest.raises(ValueError, match="4 images at 64x64 need .*: 3 images at a time fit at this size"):
+        pipe(PROMPT, num_inference_steps=1, height=64, width=64, num_images_per_prompt=4)
+    with pytest.raises(ValueError, match=r"an image of 128x128 needs .*: at most about \d+x\d+ fits"):
+        pipe(PROMPT, num_inference_steps=1, height=128, width=128, num_images_per_prompt=1)
+    pipe.vae.enable_slicing()  # the VAE then decodes one image at a time: larger batches fit
+    assert memory.largest_activation(pipe.unet.config, pipe.vae.config, 64, 64, 8, True, vae_batch=1) < (
+        memory.largest_activation(pipe.unet.config, pipe.vae.config, 64, 64, 8, True)
+    )

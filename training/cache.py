@@ -76,7 +76,8 @@ def _load_or_build(folder: Path, build: Callable[[], dict[str, torch.Tensor]], m
     """Tensors from ``folder`` if it holds a finished cache, else ``build()`` them and store them there.
 
     The cache is written to a temporary folder and renamed into place, so an interrupted run
-    leaves no half-written cache; the temporary folder of a killed run is removed by the next. Files are read memory-mapped (safetensors' mmap backend).
+    leaves no half-written cache; the temporary folder of a killed run is removed by the next.
+    Files are read memory-mapped (safetensors' mmap backend).
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_writes(folder.parent)
