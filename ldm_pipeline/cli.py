@@ -56,7 +56,7 @@ def _generate(args: argparse.Namespace) -> None:
     from transformers.utils import logging as transformers_logging
 
     from .images import image_grid
-    from .loading import load_pipeline
+    from .loading import load_lora, load_pipeline
     from .schedulers import make_scheduler
 
     if args.out.suffix.lower() != ".png":
@@ -66,9 +66,7 @@ def _generate(args: argparse.Namespace) -> None:
     transformers_logging.disable_progress_bar()
     pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
     if args.lora is not None:
-        if not (args.lora / "pytorch_lora_weights.safetensors").is_file():
-            raise ValueError(f"--lora {args.lora}: no pytorch_lora_weights.safetensors in it")
-        pipe.load_lora_weights(args.lora)
+        load_lora(pipe, args.lora)
     if args.scheduler:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,9 +16,9 @@ from pathlib import Path
 import yaml
 from huggingface_hub import HfApi, ModelCardData
 
+from .loading import LORA_WEIGHTS
 from .yaml_io import parse_yaml
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 # What a model repository gets: weights as safetensors, configs, tokenizer files, the card, images.
 UPLOAD_SUFFIXES = (".safetensors", ".json", ".txt", ".md", ".png")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

@@ -9,7 +9,9 @@ import re
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
 from safetensors import SafetensorError
+from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
 from .pipeline import LatentDiffusionPipeline
@@ -190,3 +192,34 @@ def load_component_config(cls: type, source: str, subfolder: str) -> dict:
             raise
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"could not read the {subfolder} config from {source!r}: {first_line}") from err
+
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def load_lora(pipe: LatentDiffusionPipeline, folder: str | os.PathLike) -> None:
+    """``pipe.load_lora_weights(folder)`` after checking the file: there, readable, finite.
+
+    Raises:
+        ModelLoadError: no LoRA file, a damaged or non-finite one, or adapters whose modules the
+            pipeline does not have (a LoRA trained for another model).
+    """
+    path = os.path.join(folder, LORA_WEIGHTS)
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"LoRA folder {folder}: no {LORA_WEIGHTS} in it")
+    try:
+        weights = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise ModelLoadError(f"LoRA {path} is unreadable: {_first_line(err)}") from err
+    bad = [k for k, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ModelLoadError(f"LoRA {path} holds non-finite weights (NaN or Inf) in {bad[:5]}")
+    # diffusers logs a failed adapter load as an error and then raises it: the raise is enough.
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    try:
+        pipe.load_lora_weights(folder)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise ModelLoadError(f"LoRA {folder} does not fit this pipeline: {_first_line(err)}") from err
+    finally:
+        diffusers_logging.set_verbosity(verbosity)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from ldm_pipeline.cli import main
-from ldm_pipeline.loading import ModelLoadError, load_pipeline
+from ldm_pipeline.loading import ModelLoadError, load_lora, load_pipeline
 from training.config import ConfigError, config_from_dict
 from training.loop import NonFiniteError, check_finite
 
@@ -108,6 +108,33 @@ def test_non_finite_weights_are_refused_when_loaded_naming_the_component_and_key
         ModelLoadError, match=r"vae holds non-finite weights \(NaN or Inf\) in \['decoder.conv_out.bias'\]"
     ):
         load_pipeline(copy)
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        (b"not safetensors", r"LoRA .*pytorch_lora_weights.safetensors is unreadable: Error while deserializing"),
+        ({"unet.conv_in.lora_A.weight": torch.full((2, 4), float("nan"))}, "holds non-finite weights"),
+        ({"unet.nowhere.lora_A.weight": torch.zeros(2, 4)}, r"does not fit this pipeline: Target modules"),
+        (None, "no pytorch_lora_weights.safetensors in it"),
+    ],
+)
+def test_a_broken_lora_folder_is_one_clear_error(tiny_dir, tmp_path, capsys, weights, message):
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    if isinstance(weights, bytes):
+        (lora / "pytorch_lora_weights.safetensors").write_bytes(weights)
+    elif weights is not None:
+        weights[next(iter(weights)).replace("lora_A", "lora_B")] = torch.zeros(4, 2)
+        save_file(weights, lora / "pytorch_lora_weights.safetensors")
+    pipe = load_pipeline(tiny_dir)
+    with pytest.raises(ModelLoadError, match=message):
+        load_lora(pipe, lora)
+    args = ["generate", "--model", str(tiny_dir), "--prompt", "x", "--steps", "1", "--lora", str(lora)]
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ldm generate: error: ") and len(err.splitlines()) == 1, err
 
 
 def test_non_finite_weights_are_never_saved():
