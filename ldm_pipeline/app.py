@@ -8,6 +8,7 @@ page instead of a dead request.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 
@@ -21,6 +22,14 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 MODEL_SCHEDULER = "the model's own"
 MAX_SEED = 2**31 - 1
+
+
+def _whole(value: object, field: str) -> int:
+    """A field's value as an int: the web page sends numbers as floats, and an API caller anything."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value != int(value):
+        raise ValueError(f"{field} must be a whole number, got {value!r}")
+    return int(value)
 
 
 def generate(
@@ -41,13 +50,19 @@ def generate(
     Raises:
         ValueError: an empty prompt or a value the pipeline refuses (the message names it).
     """
-    if not prompt or not prompt.strip():
+    if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("type a prompt first")
-    seed = random.randint(0, MAX_SEED) if seed is None or seed < 0 else int(seed)
+    steps, num_images, width, height = (
+        _whole(v, name) for v, name in ((steps, "Steps"), (num_images, "Images"), (width, "Width"), (height, "Height"))
+    )
+    seed = random.randint(0, MAX_SEED) if seed is None or _whole(seed, "Seed") < 0 else _whole(seed, "Seed")
+    if seed > MAX_SEED:
+        raise ValueError(f"Seed must be at most {MAX_SEED} (or -1 for a random one), got {seed}")
     original = pipe.scheduler
     if scheduler and scheduler != MODEL_SCHEDULER:
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"Scheduler must be one of {sorted(SCHEDULERS)}, got {scheduler!r}")
         pipe.scheduler = make_scheduler(scheduler, original.config)
-    steps = int(steps)
 
     def callback(_pipe, step: int, _t, tensors: dict) -> dict:
         if on_step is not None:
@@ -60,9 +75,9 @@ def generate(
             negative_prompt=negative_prompt or None,
             num_inference_steps=steps,
             guidance_scale=float(guidance),
-            num_images_per_prompt=int(num_images),
-            width=int(width),
-            height=int(height),
+            num_images_per_prompt=num_images,
+            width=width,
+            height=height,
             generator=torch.Generator().manual_seed(seed),
             callback_on_step_end=callback,
         ).images

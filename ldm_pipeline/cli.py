@@ -9,14 +9,40 @@ from pathlib import Path
 
 from .schedulers import SCHEDULERS
 
+# torch generators take 64-bit seeds; image N of a run uses seed + N, kept in range.
+MAX_SEED = 2**63 - 1
 # ``ldm generate`` writes a grid of the images up to this many; beyond, the image files only.
 GRID_LIMIT = 100
 
 
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = _integer(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {MAX_SEED}, got {text}")
+    return value
+
+
+def _aspect(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value >= 1.0 or value == float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 1 (longer side / shorter side), got {text}")
     return value
 
 
@@ -33,7 +59,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=_positive_int, default=None, help="default: the pipeline's (20)")
     p.add_argument("--guidance", type=float, default=None, help="default: the pipeline's (2.5)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--num-images", type=_positive_int, default=1, help="image N uses the seed --seed + N")
     p.add_argument(
         "--batch-size", type=_positive_int, default=8, help="images sampled at once, each written as it is done"
@@ -173,7 +199,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="pipeline folder or Hub id")
     p.add_argument("--dataset", choices=["shapes", "digits"], default="shapes")
     p.add_argument("--num-samples", type=_positive_int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--steps", type=_positive_int, default=None, help="default: the pipeline's")
     p.add_argument("--guidance", type=float, default=None, help="default: the pipeline's")
     p.add_argument("--clip", default=None, help="CLIP evaluator folder (default: the run's clip/ beside the model)")
@@ -270,7 +296,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--split", default="train")
     c.add_argument("--resolution", type=_positive_int, default=None, help="show the aspect buckets at this size")
     c.add_argument("--bucket-step", type=_positive_int, default=64, help="bucket sides' multiple (SD: 64)")
-    c.add_argument("--max-aspect", type=float, default=2.0)
+    c.add_argument("--max-aspect", type=_aspect, default=2.0)
     c.add_argument("--max-pixels", type=_positive_int, default=None, help="skip larger images (default 64M)")
     c.add_argument("--json", type=Path, default=None, help="also write the whole report here")
     c.set_defaults(func=_data_check)

@@ -37,6 +37,13 @@ def non_finite_keys(model: torch.nn.Module) -> list[str]:
     return [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
+def _require_source(source: str | os.PathLike) -> None:
+    """Refuse a path that is not here before any library takes it for a Hub id."""
+    text = str(source)
+    if not os.path.exists(text) and (not _HUB_ID.match(text) or text.startswith((".", "/", "~"))):
+        raise ModelLoadError(f"model folder not found: {text}")
+
+
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -52,6 +59,7 @@ def load_model(cls: type, source: str, subfolder: str | None = None, allow_pickl
     Raises:
         ModelLoadError: no safetensors weights, unreadable files, or keys that do not match.
     """
+    _require_source(source)
     where = f"{source}/{subfolder}" if subfolder else str(source)
     folder = os.path.join(source, subfolder or "")
     try:
@@ -130,12 +138,11 @@ def load_pipeline(
             fetched (no network, unknown repository), or a component does not load strictly.
     """
     model = str(model)
+    _require_source(model)
     if os.path.exists(model):
         if not os.path.isfile(os.path.join(model, "model_index.json")):
             raise ModelLoadError(f"{model} is not a pipeline folder: it has no model_index.json")
         _check_model_index(model)
-    elif not _HUB_ID.match(model) or model.startswith((".", "/", "~")):
-        raise ModelLoadError(f"model folder not found: {model}")
     parts = {
         name: load_model(cls, model, name, allow_pickle, torch_dtype=torch_dtype)
         for name, cls in MODEL_COMPONENTS.items()
@@ -154,6 +161,7 @@ def load_component(cls: type, source: str, subfolder: str, allow_pickle: bool = 
     training-run folder, in which case the model is read from its ``subfolder`` (``vae``,
     ``text_encoder``, ...). Tokenizers and other weightless parts load with ``from_pretrained``.
     """
+    _require_source(source)
     if not issubclass(cls, torch.nn.Module):
         if os.path.isdir(source):
             inside = os.path.isdir(os.path.join(source, subfolder))
@@ -181,8 +189,7 @@ def load_component_config(cls: type, source: str, subfolder: str) -> dict:
         if os.path.isdir(source):
             inside = os.path.isdir(os.path.join(source, subfolder))
             return dict(cls.load_config(source, subfolder=subfolder if inside else None))
-        if not _HUB_ID.match(source) or source.startswith((".", "/", "~")):
-            raise ModelLoadError(f"model folder not found: {source}")
+        _require_source(source)
         try:
             return dict(cls.load_config(source))
         except OSError:

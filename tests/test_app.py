@@ -29,6 +29,28 @@ def test_generate_returns_images_and_the_seed_it_used(pipe):
         generate(pipe, "x", "", 2, 2.5, 0, MODEL_SCHEDULER, 1, 32, 31)
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"seed": 1e30}, r"Seed must be at most 2147483647"),
+        ({"seed": float("nan")}, "Seed must be a whole number, got nan"),
+        ({"steps": "many"}, "Steps must be a whole number, got 'many'"),
+        ({"steps": 2.5}, "Steps must be a whole number, got 2.5"),
+        ({"num_images": True}, "Images must be a whole number"),
+        ({"width": float("inf")}, "Width must be a whole number"),
+        ({"scheduler": "warp-drive"}, "Scheduler must be one of"),
+        ({"prompt": None}, "type a prompt first"),
+        ({"height": 32768, "width": 32768}, "needs at least .* GiB of memory"),
+    ],
+)
+def test_hostile_field_values_are_refused_naming_the_field(pipe, fields, message):
+    request = {"prompt": "x", "negative_prompt": "", "steps": 2, "guidance": 2.5, "seed": 0}
+    request |= {"scheduler": MODEL_SCHEDULER, "num_images": 1, "width": 32, "height": 32, **fields}
+    with pytest.raises(ValueError, match=message):
+        generate(pipe, **request)
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -68,6 +68,7 @@ def test_generate_grid_with_scheduler_and_size(tiny_dir, tmp_path):
     [
         (["--model", "/no/such/folder"], "model folder not found: /no/such/folder"),
         (["--height", "15"], "`height` must be a positive multiple of the VAE factor 2"),
+        (["--lora", "/no/such/lora"], "LoRA folder /no/such/lora: no pytorch_lora_weights.safetensors"),
     ],
 )
 def test_generate_errors_are_one_line(tiny_dir, tmp_path, capsys, args, message):
@@ -105,6 +106,24 @@ def test_console_script_reports_bad_value_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "--steps: must be a positive integer, got 0" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["generate", "--prompt", "x", "--seed", "99999999999999999999999"],
+            "--seed: must be an integer from 0 to 9223",
+        ),
+        (["generate", "--prompt", "x", "--seed", "-3"], "argument --seed: must be an integer from 0"),
+        (["eval", "--seed", "2.5"], "argument --seed: must be an integer, got '2.5'"),
+        (["eval", "--num-samples", "ten"], "argument --num-samples: must be an integer, got 'ten'"),
+    ],
+)
+def test_argument_errors_are_one_line_with_status_2(tiny_dir, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as caught:
+        main([args[0], "--model", str(tiny_dir), *args[1:], "--out", str(tmp_path / "a.png")])
+    assert caught.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_eval_writes_report(tiny_dir, tmp_path, capsys):
