@@ -1,11 +1,12 @@
 """Will a sampling call fit in memory? An estimate made before anything is allocated.
 
 Sampling memory beyond the weights grows with the largest activation: the VAE decoder's at full
-resolution (its widest up-block at the output size) or the UNet's at the latent size (twice the
-batch under classifier-free guidance). Measured peaks of resident memory above the loaded
-weights (CPU, fp32, `benchmarks/sampling_memory.py`) were 3.7-7 times that largest tensor, for
-the `shapes` and `sd15` presets from 256² to 1,024² and batches of 1-4: a request is refused
-when even 3 times it cannot fit in the memory that is free, so nothing that fits is refused.
+resolution (its widest up-block at the output size) or the UNet's at the latent size (the
+feed-forward of its attention levels; twice the batch under classifier-free guidance). Measured
+peaks of resident memory added by a call (CPU, fp32, `benchmarks/sampling_memory.py`) were 3.8 to
+9.8 times that largest tensor, for the `shapes` and `sd15` presets from 256² to 1,024², batches of
+1-4, with and without VAE slicing and tiling: a request is refused when even 3 times it cannot
+fit in the memory that is free, so nothing that fits is refused.
 """
 
 from __future__ import annotations
@@ -20,26 +21,41 @@ LOW_FACTOR = 3
 
 
 def largest_activation(
-    unet_config, vae_config, height: int, width: int, batch: int, guided: bool, vae_batch: int | None = None
+    unet_config,
+    vae_config,
+    height: int,
+    width: int,
+    batch: int,
+    guided: bool,
+    vae_batch: int | None = None,
+    vae_tile: int | None = None,
 ) -> int:
     """Elements in the largest tensor a sampling call makes: UNet (latent size) or VAE decoder (output size).
 
     Args:
         vae_batch: images the VAE decodes at once (1 with VAE slicing; default ``batch``).
+        vae_tile: the side of the VAE's decoding tiles with VAE tiling on (None: off).
     """
     vae_channels = list(vae_config["block_out_channels"])
     factor = 2 ** (len(vae_channels) - 1)
     h, w = height // factor, width // factor
-    unet = (
-        max(c * math.ceil(h / 2**i) * math.ceil(w / 2**i) for i, c in enumerate(unet_config["block_out_channels"]))
-        * batch
-        * (2 if guided else 1)
+    # In a level with attention the widest tensor is the feed-forward's GEGLU projection, 8 × the
+    # channels (2 × an inner width of 4 ×); attention itself runs in O(tokens) memory (SDPA).
+    channels = unet_config["block_out_channels"]
+    kinds = unet_config.get("down_block_types") or ["CrossAttnDownBlock2D"] * len(channels)
+    widest = max(
+        c * (8 if "Attn" in kind else 1) * math.ceil(h / 2**i) * math.ceil(w / 2**i)
+        for i, (c, kind) in enumerate(zip(channels, kinds, strict=True))
     )
+    unet = widest * batch * (2 if guided else 1)
+    if vae_tile is not None:  # tiles of at most vae_tile² pixels, blended into the full RGB output
+        h, w = min(h, vae_tile // factor), min(w, vae_tile // factor)
     # The decoder's up-blocks run from the widest channels at the latent size to the narrowest at
     # the output size; a block's input and output both live at its resolution.
     widths = vae_channels[::-1]
     vae = max(max(widths[k - 1] if k else widths[0], widths[k]) * (h * 2**k) * (w * 2**k) for k in range(len(widths)))
-    return max(unet, vae * (batch if vae_batch is None else vae_batch))
+    images = batch if vae_batch is None else vae_batch
+    return max(unet, vae * images, 3 * height * width * batch)
 
 
 def free_bytes(device: torch.device) -> int:
@@ -61,6 +77,7 @@ def check_sampling_fits(
     dtype: torch.dtype,
     device: torch.device | str,
     vae_batch: int | None = None,
+    vae_tile: int | None = None,
 ) -> None:
     """Raise ``ValueError`` when a call at ``height`` × ``width`` for ``batch`` images cannot fit.
 
@@ -68,11 +85,16 @@ def check_sampling_fits(
     """
     element = torch.finfo(dtype).bits // 8
     device = torch.device(device)
-    need = LOW_FACTOR * largest_activation(unet_config, vae_config, height, width, batch, guided, vae_batch) * element
+    need = (
+        element
+        * LOW_FACTOR
+        * largest_activation(unet_config, vae_config, height, width, batch, guided, vae_batch, vae_tile)
+    )
     free = free_bytes(device)
     if need <= free:
         return
-    per_image = LOW_FACTOR * largest_activation(unet_config, vae_config, height, width, 1, guided) * element
+    one = largest_activation(unet_config, vae_config, height, width, 1, guided, 1, vae_tile)
+    per_image = element * LOW_FACTOR * one
     fits_batch = free // per_image
     # The largest activation grows with the area: scale the side by the square root of the ratio.
     step = 2 ** (len(vae_config["block_out_channels"]) - 1) * 8

@@ -210,6 +210,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             self.unet.dtype,
             self._execution_device,
             vae_batch=1 if getattr(self.vae, "use_slicing", False) else images,
+            vae_tile=self.vae.tile_sample_min_size if getattr(self.vae, "use_tiling", False) else None,
         )
 
     def _tokenize(self, prompt: list[str]) -> torch.Tensor:
