@@ -261,7 +261,7 @@ def _add_push(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repo-id", required=True, help="USER/NAME on the Hub")
     p.add_argument("--private", action="store_true")
     p.add_argument("--token", default=None, help="default: HF_TOKEN or the token `hf auth login` stored")
-    p.add_argument("--license", default="apache-2.0")
+    p.add_argument("--license", default=None, help="default: apache-2.0; cc-by-sa-4.0 for a model trained on emoji")
     p.set_defaults(func=_push)
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import yaml
 from huggingface_hub import HfApi, ModelCardData
 
+from .data.emoji import ATTRIBUTION as EMOJI_ATTRIBUTION
+from .data.emoji import LICENSE as EMOJI_LICENSE
 from .loading import LORA_WEIGHTS
 from .yaml_io import parse_yaml
 
@@ -70,7 +72,7 @@ def _metric_lines(train_report: dict, evaluation: dict) -> list[str]:
     return lines
 
 
-def model_card(model_dir: str | Path, repo_id: str, license: str = "apache-2.0", grid: str | None = None) -> str:
+def model_card(model_dir: str | Path, repo_id: str, license: str | None = None, grid: str | None = None) -> str:
     """The README.md of the Hub repository for ``model_dir`` (a pipeline or LoRA folder).
 
     The run folder around it (``model_dir/..``), when there is one, supplies the resolved
@@ -78,6 +80,8 @@ def model_card(model_dir: str | Path, repo_id: str, license: str = "apache-2.0",
 
     Args:
         repo_id: the repository the usage snippet loads from.
+        license: the card's licence; default apache-2.0, or the data's own share-alike licence
+            (cc-by-sa-4.0) for a model trained on the built-in emoji.
         grid: the repository path of a sample grid to show, if one is uploaded.
     """
     model_dir = Path(model_dir)
@@ -89,6 +93,8 @@ def model_card(model_dir: str | Path, repo_id: str, license: str = "apache-2.0",
     base_model = config.get("pretrained") or (config.get("unet") or {}).get("pretrained")
     data = config.get("data") or {}
     dataset = data.get("source") or data.get("name")
+    on_emoji = not data.get("source") and data.get("name") == "emoji"
+    license = license or (EMOJI_LICENSE if on_emoji else "apache-2.0")
     tags = ["text-to-image", "diffusers", "latent-diffusion", "ldm-pipeline"]
     if kind == "lora":
         tags.append("lora")
@@ -122,6 +128,11 @@ def model_card(model_dir: str | Path, repo_id: str, license: str = "apache-2.0",
     if grid:
         sections.append(f"![samples]({grid})")
     sections.append(f"## Use it\n\n```python\n{usage}\n```")
+    if on_emoji:
+        sections.append(
+            "## Training data\n\nThe built-in emoji dataset: OpenMoji (https://openmoji.org) rendered on white. "
+            f"{EMOJI_ATTRIBUTION}. The model and the images it makes are shared under the same licence."
+        )
     metrics = _metric_lines(report, evaluation)
     if metrics:
         sections.append("## Evaluation\n\n| measure | value |\n| --- | --- |\n" + "\n".join(metrics))
@@ -136,7 +147,7 @@ def push(
     repo_id: str,
     private: bool = False,
     token: str | None = None,
-    license: str = "apache-2.0",
+    license: str | None = None,
     commit_message: str = "Upload model with ldm-pipeline",
 ) -> str:
     """Upload a pipeline or LoRA folder with its model card; returns the commit URL.

@@ -79,6 +79,16 @@ def test_a_broken_side_file_of_the_run_is_named_when_writing_the_card(run_dir, n
         model_card(run_dir / "pipeline", "me/shapes")
 
 
+def test_card_of_a_model_trained_on_emoji_carries_openmojis_licence_and_attribution(run_dir):
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": "tiny", "data": {"name": "emoji"}}))
+    card = ModelCard(model_card(run_dir / "pipeline", "me/emoji"))
+    assert card.data.license == "cc-by-sa-4.0"
+    assert (
+        "All emojis designed by OpenMoji – the open-source emoji and icon project. License: CC BY-SA 4.0" in card.text
+    )
+    assert ModelCard(model_card(run_dir / "pipeline", "me/emoji", license="mit")).data.license == "mit"
+
+
 def test_push_refuses_pickle_weights(run_dir):
     torch.save({"w": torch.zeros(1)}, run_dir / "pipeline" / "unet" / "diffusion_pytorch_model.bin")
     with pytest.raises(HubError, match="pickle weights"):

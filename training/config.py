@@ -24,6 +24,8 @@ from ldm_pipeline.presets import PRESETS, SD_NOISE_SCHEDULE, get_preset
 from ldm_pipeline.yaml_io import YAMLSyntaxError, parse_yaml, read_yaml
 
 STAGES = ("vae", "clip", "unet")
+# Built-in datasets whose prompts have a measured adherence (unet.eval_every, unet.target).
+ADHERENCE = ("shapes", "digits")
 
 
 class ConfigError(ValueError):
@@ -34,15 +36,15 @@ class ConfigError(ValueError):
 class DataConfig:
     """Which images and captions to train on."""
 
-    # A built-in dataset (shapes, digits), used when ``source`` is not set.
-    name: Literal["shapes", "digits"] = "shapes"
+    # A built-in dataset (shapes, digits, emoji), used when ``source`` is not set.
+    name: Literal["shapes", "digits", "emoji"] = "shapes"
     # Your images: an imagefolder with metadata.jsonl/csv, a folder of images with .txt captions,
     # a CSV/JSONL/Parquet of paths and captions, a save_to_disk folder or a Hub dataset id.
     source: str | None = None
     caption_column: str | None = None
     image_column: str | None = None
     split: str = "train"
-    # Built-in: images drawn (None: 20,000 shapes, all 5,000 digits); source: the first N rows
+    # Built-in: images drawn (None: 20,000 shapes, all 5,000 digits, all 4,050 emoji); source: the first N rows
     # (None: all of them).
     num_samples: int | None = None
     # None: the model preset's (or the pretrained UNet's) resolution.
@@ -460,9 +462,10 @@ def _check_targets(cfg: RunConfig) -> None:
             raise ConfigError(f"{name}.decay_at: needs {name}.lr_scheduler: warmup_stable_decay")
     if cfg.vae.eval_every is not None and cfg.data.holdout == 0:
         raise ConfigError("vae.eval_every: the PSNR is measured on held-out images: set data.holdout > 0")
-    if cfg.unet.eval_every is not None and cfg.data.source is not None:
+    if cfg.unet.eval_every is not None and (cfg.data.source is not None or cfg.data.name not in ADHERENCE):
         raise ConfigError(
-            "unet.eval_every: adherence is measured for the built-in datasets (shapes, digits), not data.source"
+            f"unet.eval_every: adherence is measured for the built-in datasets {list(ADHERENCE)}, "
+            f"not {'data.source' if cfg.data.source is not None else cfg.data.name}"
         )
     if cfg.unet.target is not None and not 0 < cfg.unet.target <= 1:
         raise ConfigError(f"unet.target: adherence is a fraction in (0, 1], got {cfg.unet.target}")

@@ -1,0 +1,64 @@
+"""The built-in emoji dataset on a handful of emoji: names, skin tones, rendering, the cache, the licence."""
+
+import numpy as np
+import pytest
+
+from ldm_pipeline.data import emoji as emoji_data
+from ldm_pipeline.data.emoji import emoji_records, make_emoji, render
+from training.config import ConfigError, config_from_dict
+
+CODES = ["1F44B", "1F44B-1F3FB", "1F44B-1F3FD", "1F1E9-1F1EA", "0023-FE0F-20E3", "1F468-1F3FD-200D-1F9B0"]
+
+
+def test_names_bases_and_skin_tones_come_from_the_code_points():
+    records, unnamed = emoji_records(CODES)
+    by_code = {r.code: r for r in records}
+    assert unnamed == [] and set(by_code) == set(CODES)
+    assert by_code["1F44B"].name == "waving hand" and by_code["1F44B"].skin_tone is None
+    medium = by_code["1F44B-1F3FD"]
+    assert (medium.name, medium.base, medium.skin_tone) == (
+        "waving hand, medium skin tone",
+        "waving hand",
+        "medium skin tone",
+    )
+    assert by_code["1F1E9-1F1EA"].name == "flag of Germany" and by_code["0023-FE0F-20E3"].name == "keycap #"
+    assert by_code["1F468-1F3FD-200D-1F9B0"].base == "man red hair"
+    with pytest.raises(ValueError, match="has no emoji"):
+        emoji_records(["FFFFF"])
+
+
+def test_every_emoji_is_rendered_on_white_with_its_tones_colour():
+    light, medium = (np.asarray(render(code, 32)) for code in ("1F44B-1F3FB", "1F44B-1F3FD"))
+    assert light.shape == (32, 32, 3) and (light[0, 0] == 255).all() and (medium[-1, -1] == 255).all()
+
+    # OpenMoji draws each tone in one fixed colour: the most common non-white colour of the hand.
+    def skin(a):
+        colours, counts = np.unique(a.reshape(-1, 3), axis=0, return_counts=True)
+        return tuple(colours[np.argsort(-counts)[1]])
+
+    assert skin(light) == (250, 220, 188) and skin(medium) == (193, 154, 101)
+
+
+def test_make_emoji_renders_once_and_reads_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_CACHE", str(tmp_path))
+    ds = make_emoji(resolution=16, seed=1, codes=CODES)
+    assert len(ds) == len(CODES) and ds[0]["image"].size == (16, 16)
+    assert ds.column_names == ["image", "text", "name", "base", "skin_tone", "code"]
+    row = ds[ds["code"].index("1F44B-1F3FD")]
+    assert sorted(row["text"]) == sorted(t.format(name="waving hand, medium skin tone") for t in emoji_data.TEMPLATES)
+    assert len(list((tmp_path / "emoji").glob("*.npz"))) == 1
+
+    def no_render(code, resolution):
+        raise AssertionError("rendered again although cached")
+
+    monkeypatch.setattr(emoji_data, "render", no_render)
+    again = make_emoji(resolution=16, seed=1, codes=CODES)
+    assert np.array_equal(np.asarray(again[2]["image"]), np.asarray(ds[2]["image"]))
+
+
+def test_emoji_has_no_adherence_measure_yet():
+    assert config_from_dict({"data": {"name": "emoji"}}).data.name == "emoji"
+    with pytest.raises(
+        ConfigError, match=r"adherence is measured for the built-in datasets \['shapes', 'digits'\], not emoji"
+    ):
+        config_from_dict({"data": {"name": "emoji", "holdout": 8}, "unet": {"eval_every": 100}})
