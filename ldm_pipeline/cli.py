@@ -195,9 +195,9 @@ def _quickstart(args: argparse.Namespace) -> None:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="score a pipeline on shapes or digits prompts")
+    p = sub.add_parser("eval", help="score a pipeline on shapes, digits or emoji prompts")
     p.add_argument("--model", required=True, help="pipeline folder or Hub id")
-    p.add_argument("--dataset", choices=["shapes", "digits"], default="shapes")
+    p.add_argument("--dataset", choices=["shapes", "digits", "emoji"], default="shapes")
     p.add_argument("--num-samples", type=_positive_int, default=200)
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--steps", type=_positive_int, default=None, help="default: the pipeline's")

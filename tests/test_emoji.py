@@ -2,9 +2,15 @@
 
 import numpy as np
 import pytest
+import torch
+from transformers import CLIPConfig, CLIPModel
 
 from ldm_pipeline.data import emoji as emoji_data
-from ldm_pipeline.data.emoji import emoji_records, make_emoji, render
+from ldm_pipeline.data.emoji import emoji_records, held_out_pairs, make_emoji, render
+from ldm_pipeline.evaluation import emoji as emoji_eval
+from ldm_pipeline.evaluation.emoji import r_precision
+from ldm_pipeline.presets import get_preset, text_config, vision_config
+from ldm_pipeline.tokenizer import load_clip_tokenizer
 from training.config import ConfigError, config_from_dict
 
 CODES = ["1F44B", "1F44B-1F3FB", "1F44B-1F3FD", "1F1E9-1F1EA", "0023-FE0F-20E3", "1F468-1F3FD-200D-1F9B0"]
@@ -62,3 +68,50 @@ def test_emoji_has_no_adherence_measure_yet():
         ConfigError, match=r"adherence is measured for the built-in datasets \['shapes', 'digits'\], not emoji"
     ):
         config_from_dict({"data": {"name": "emoji", "holdout": 8}, "unet": {"eval_every": 100}})
+
+
+# "OK hand" in five tones: its medium-dark one is a held-out pair.
+OK_HAND = ["1F44C", *(f"1F44C-{p:X}" for p in range(0x1F3FB, 0x1F400))]
+
+
+def test_held_out_pairs_are_never_in_the_training_split():
+    held = held_out_pairs()
+    assert len(held) == 66 and ("OK hand", "medium-dark skin tone") in held
+    assert len({base for base, _ in held}) == 66  # one tone of each chosen emoji
+    assert held == held_out_pairs()  # fixed, whatever the run's seed
+    splits = {split: set(make_emoji(16, codes=OK_HAND, split=split)["code"]) for split in ("train", "held_out", "all")}
+    assert splits["held_out"] == {"1F44C-1F3FE"} and splits["train"] == set(OK_HAND) - {"1F44C-1F3FE"}
+    assert splits["all"] == set(OK_HAND)
+    with pytest.raises(ValueError, match="emoji split must be one of"):
+        make_emoji(16, codes=OK_HAND, split="test")
+
+
+def test_r_precision_counts_the_own_caption_ranked_first():
+    captions = torch.eye(40)
+    images = torch.eye(40)[:4].clone()
+    images[3] = captions[7]  # the fourth image looks like caption 7, not its own
+    assert r_precision(images, captions, own=[0, 1, 2, 3], candidates=32, seed=0) == 0.75
+
+
+def test_the_measures_of_real_images_are_their_ceiling(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_CACHE", str(tmp_path))
+    subset = [*OK_HAND, "1F44B", "1F600", "1F1E9-1F1EA", *(f"1F44B-{p:X}" for p in range(0x1F3FB, 0x1F400))]
+    real = make_emoji(32, codes=subset, split="all")
+    by_prompt = {f"an emoji of {n}": im for n, im in zip(real["name"], real["image"], strict=True)}
+    monkeypatch.setattr(
+        emoji_eval, "make_emoji", lambda resolution, split: make_emoji(resolution, codes=subset, split=split)
+    )
+    torch.manual_seed(0)
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config=text_config(get_preset("tiny")).to_dict(),
+            vision_config=vision_config(get_preset("tiny")).to_dict(),
+        )
+    )
+    report = emoji_eval.emoji_metrics(
+        lambda prompts, seed: [by_prompt[p] for p in prompts], clip, load_clip_tokenizer(16), 32, 6, candidates=4
+    )
+    assert report["prompts"] == 6 and report["held_out_prompts"] == 1
+    assert report["r_precision"] == report["r_precision_real"]
+    assert report["nearest_top1"] == 1.0 and report["held_out_skin_tone"] == report["real_skin_tone"] == 1.0
+    assert report["held_out_emoji_top5"] == 1.0

@@ -44,7 +44,7 @@ class DataConfig:
     caption_column: str | None = None
     image_column: str | None = None
     split: str = "train"
-    # Built-in: images drawn (None: 20,000 shapes, all 5,000 digits, all 4,050 emoji); source: the first N rows
+    # Built-in: images drawn (None: 20,000 shapes, all 5,000 digits, 3,984 emoji); source: the first N rows
     # (None: all of them).
     num_samples: int | None = None
     # None: the model preset's (or the pretrained UNet's) resolution.

@@ -13,7 +13,7 @@ BUILTIN = ("shapes", "digits", "emoji")
 
 def load_builtin(name: str, num_samples: int | None = None, seed: int = 0, resolution: int = 64) -> datasets.Dataset:
     """A built-in dataset by name: ``shapes`` (procedural, any size), ``digits`` (5,000 MNIST) or
-    ``emoji`` (4,050 OpenMoji, CC BY-SA 4.0).
+    ``emoji`` (OpenMoji, CC BY-SA 4.0: the 3,984 of its training split).
 
     Args:
         name: "shapes", "digits" or "emoji".

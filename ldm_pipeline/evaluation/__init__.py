@@ -125,6 +125,32 @@ def prompt_adherence(
     raise ValueError(f"unknown evaluation dataset {dataset!r}; use 'shapes' or 'digits'")
 
 
+def _load_clip(clip_dir: str | Path):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    return load_model(CLIPModel, str(clip_dir)), CLIPTokenizer.from_pretrained(clip_dir)
+
+
+def _evaluate_emoji(pipe, num_samples, seed, clip_dir, batch_size, **call_kwargs) -> tuple[dict, list[Image.Image]]:
+    from .emoji import emoji_metrics
+
+    if clip_dir is None:
+        raise ValueError("the emoji measures use the run's CLIP evaluator: pass --clip (the run's clip/ folder)")
+    clip, tokenizer = _load_clip(clip_dir)
+    made: list[Image.Image] = []
+
+    def generate_images(prompts: list[str], at_seed: int) -> list[Image.Image]:
+        images = generate(pipe, prompts, at_seed, batch_size, **call_kwargs)
+        made.extend(images)
+        return images
+
+    report = emoji_metrics(generate_images, clip, tokenizer, pipe.default_size, num_samples, seed)
+    real = load_builtin("emoji", num_samples=256, seed=seed, resolution=pipe.default_size)
+    report |= {"num_samples": num_samples, "seed": seed}
+    report["psnr"] = vae_reconstruction_psnr(pipe.vae, to_tensor(list(real["image"]), pipe.default_size))
+    return report, made
+
+
 def evaluate(
     pipe: LatentDiffusionPipeline,
     dataset: str = "shapes",
@@ -141,6 +167,8 @@ def evaluate(
     [0, 1]; ``clip_score`` (with a CLIP evaluator folder, else None); ``psnr`` (VAE reconstructions of real images, dB).
     """
     size = pipe.default_size
+    if dataset == "emoji":
+        return _evaluate_emoji(pipe, num_samples, seed, clip_dir, batch_size, **call_kwargs)
     report: dict = {"dataset": dataset, "num_samples": num_samples, "seed": seed}
     scores, images, prompts = prompt_adherence(pipe, dataset, num_samples, seed, batch_size, **call_kwargs)
     report.update(scores)
@@ -150,10 +178,7 @@ def evaluate(
         real = load_builtin("digits", num_samples=min(num_samples, 256), seed=seed, resolution=size)
     report["clip_score"] = None
     if clip_dir is not None:
-        from transformers import CLIPModel, CLIPTokenizer
-
-        clip = load_model(CLIPModel, str(clip_dir))
-        tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
+        clip, tokenizer = _load_clip(clip_dir)
         clip_size = clip.config.vision_config.image_size
         report["clip_score"] = clip_score(clip, tokenizer, to_tensor(images, clip_size), prompts)
         real_images = list(real["image"])
