@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-from ldm_pipeline import LatentDiffusionPipeline
+from _runs import trained_pipeline
+
 from ldm_pipeline.evaluation import evaluate
-from training.config import load_config
-from training.run import train
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
 
@@ -33,14 +31,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args()
 
-    run, results = args.run, {}
-    if run is None:
-        run = args.output
-        start = time.monotonic()
-        results["train_report"] = train(load_config(CONFIG, args.overrides), run)
-        results["train_wall_minutes"] = round((time.monotonic() - start) / 60, 2)
-    pipe = LatentDiffusionPipeline.from_pretrained(run / "pipeline")
-    pipe.set_progress_bar_config(disable=True)
+    results: dict = {}
+    run, pipe = trained_pipeline(CONFIG, args.output, args.run, args.overrides, results)
     results["final"], _ = evaluate(pipe, "digits", args.num_samples, seed=1, clip_dir=run / "clip")
     (run / "digits_quality.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -18,18 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
+from _runs import trained_pipeline
 
-from ldm_pipeline import LatentDiffusionPipeline
 from ldm_pipeline.data.emoji import make_emoji
 from ldm_pipeline.evaluation import evaluate
 from ldm_pipeline.hardware import describe_machine
 from ldm_pipeline.images import image_grid
-from training.config import load_config
-from training.run import train
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "emoji.yaml"
 # Named prompts for the picture: trained emoji, and held-out tones (OK hand medium-dark, ...).
@@ -53,14 +50,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args()
 
-    run, results = args.run, {"machine": describe_machine("auto")}
-    if run is None:
-        run = args.output
-        start = time.monotonic()
-        results["train_report"] = train(load_config(CONFIG, args.overrides), run)
-        results["train_wall_minutes"] = round((time.monotonic() - start) / 60, 2)
-    pipe = LatentDiffusionPipeline.from_pretrained(run / "pipeline")
-    pipe.set_progress_bar_config(disable=True)
+    results: dict = {"machine": describe_machine("auto")}
+    run, pipe = trained_pipeline(CONFIG, args.output, args.run, args.overrides, results)
     results["final"], _ = evaluate(pipe, "emoji", args.num_samples, seed=1, clip_dir=run / "clip")
 
     everything = make_emoji(pipe.default_size, split="all")
