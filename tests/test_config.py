@@ -70,6 +70,8 @@ def test_shipped_configs_are_valid_and_match_the_quickstart():
     assert load_config(CONFIGS / "shapes.yaml") == quickstart_config()
     assert load_config(CONFIGS / "tiny.yaml") == quickstart_config(smoke=True)
     assert load_config(CONFIGS / "digits.yaml").data.name == "digits"
+    emoji = load_config(CONFIGS / "emoji.yaml")
+    assert (emoji.data.name, emoji.vae.target, emoji.unet.eval_every) == ("emoji", 27.0, None)
 
 
 def test_bare_no_in_yaml_means_the_string_no(tmp_path):
