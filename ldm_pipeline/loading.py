@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import re
+from collections.abc import Mapping
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -32,9 +33,9 @@ MODEL_COMPONENTS = {"vae": AutoencoderKL, "text_encoder": CLIPTextModel, "unet":
 INDEX_LIBRARIES = ("diffusers", "transformers")
 
 
-def non_finite_keys(model: torch.nn.Module) -> list[str]:
-    """The floating-point weights of ``model`` that hold a NaN or an infinity."""
-    return [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+def non_finite_keys(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The keys of the floating-point tensors (a state dict, a weight file) that hold a NaN or an infinity."""
+    return [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 def _require_source(source: str | os.PathLike) -> None:
@@ -89,7 +90,7 @@ def load_model(cls: type, source: str, subfolder: str | None = None, allow_pickl
         detail = "; ".join(f"{k.replace('_', ' ')}: {v[:5]}{' ...' if len(v) > 5 else ''}" for k, v in problems.items())
         raise ModelLoadError(f"the weights in {where} do not match {cls.__name__}'s config: {detail}")
     # Checked once here, so that a damaged file never reaches sampling or a saved fine-tune.
-    bad = non_finite_keys(model)
+    bad = non_finite_keys(model.state_dict())
     if bad:
         raise ModelLoadError(
             f"{where} holds non-finite weights (NaN or Inf) in {bad[:5]}{' ...' if len(bad) > 5 else ''}: "
@@ -218,7 +219,7 @@ def load_lora(pipe: LatentDiffusionPipeline, folder: str | os.PathLike) -> None:
         weights = load_file(path)
     except (SafetensorError, OSError) as err:
         raise ModelLoadError(f"LoRA {path} is unreadable: {_first_line(err)}") from err
-    bad = [k for k, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = non_finite_keys(weights)
     if bad:
         raise ModelLoadError(f"LoRA {path} holds non-finite weights (NaN or Inf) in {bad[:5]}")
     # diffusers logs a failed adapter load as an error and then raises it: the raise is enough.

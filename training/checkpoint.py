@@ -23,6 +23,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ldm_pipeline.loading import non_finite_keys
+
 COMPLETE = "COMPLETE"
 FILES = ("state.safetensors", "state.json")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -86,7 +88,7 @@ def save_checkpoint(root: str | Path, step: int, state: dict[str, Any], keep: in
     root = Path(root)
     tensors: dict[str, torch.Tensor] = {}
     tree = _flatten(state, "state", tensors)
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = non_finite_keys(tensors)
     if bad:
         raise CheckpointError(f"step {step}: not saving a checkpoint with non-finite values in {bad[:5]}")
     root.mkdir(parents=True, exist_ok=True)

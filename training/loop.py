@@ -86,7 +86,7 @@ def log_images(accelerator: Accelerator, tag: str, images: list, step: int) -> N
 
 def check_finite(model: torch.nn.Module, what: str) -> None:
     """Refuse to save ``model`` when any weight is NaN or infinite (a diverged run)."""
-    bad = non_finite_keys(model)
+    bad = non_finite_keys(model.state_dict())
     if bad:
         raise NonFiniteError(f"not saving {what}: non-finite weights in {bad[:5]}; the last checkpoint is kept")
 
