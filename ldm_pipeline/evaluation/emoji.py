@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.emoji import SKIN_TONES, make_emoji, render
+from ..data.emoji import SKIN_TONES, held_out_pairs, make_emoji, render
 from ..tokenizer import token_ids
 from .metrics import clip_pixel_values
 
@@ -104,18 +104,20 @@ def emoji_metrics(
     from . import to_tensor
 
     clip_size = clip.config.vision_config.image_size
-    train = make_emoji(resolution=resolution, split="train")
-    held = make_emoji(resolution=resolution, split="held_out")
+    # Every emoji once; the training and held-out rows are picked out of it.
     everything = make_emoji(resolution=resolution, split="all")
-    names = list(everything["name"])
+    names, bases, tones_of = list(everything["name"]), list(everything["base"]), list(everything["skin_tone"])
+    images = list(everything["image"])
+    held_pairs = held_out_pairs()
+    held_rows = [i for i, pair in enumerate(zip(bases, tones_of, strict=True)) if pair in held_pairs]
+    train_rows = sorted(set(range(len(names))) - set(held_rows))
     rng = random.Random(seed)
-    chosen = rng.sample(range(len(train)), min(num_samples, len(train)))
-    prompts = [TEMPLATE.format(name=train[i]["name"]) for i in chosen]
-    own = [names.index(train[i]["name"]) for i in chosen]
+    own = [train_rows[i] for i in rng.sample(range(len(train_rows)), min(num_samples, len(train_rows)))]
+    prompts = [TEMPLATE.format(name=names[i]) for i in own]
     generated = generate_images(prompts, seed)
 
     caption_features = clip_features(clip, tokenizer, texts=[TEMPLATE.format(name=n) for n in names])
-    real_features = clip_features(clip, tokenizer, images=to_tensor(list(everything["image"]), clip_size))
+    real_features = clip_features(clip, tokenizer, images=to_tensor(images, clip_size))
     generated_features = clip_features(clip, tokenizer, images=to_tensor(generated, clip_size))
     nearest = (generated_features @ real_features.T).topk(5, dim=1).indices
     report = {
@@ -129,29 +131,23 @@ def emoji_metrics(
     }
 
     colours = tone_colours()
-    held_prompts = [TEMPLATE.format(name=n) for n in held["name"]]
+    held_prompts = [TEMPLATE.format(name=names[i]) for i in held_rows]
     held_images = generate_images(held_prompts, seed + 1)
-    bases = list(everything["base"])
-    variants: dict[str, dict[str, Image.Image]] = {base: {} for base in held["base"]}
-    for image, base, tone in zip(everything["image"], bases, everything["skin_tone"], strict=True):
+    variants: dict[str, dict[str, Image.Image]] = {bases[i]: {} for i in held_rows}
+    for image, base, tone in zip(images, bases, tones_of, strict=True):
         if tone and base in variants:
             variants[base][tone] = image
-    tones = [skin_tone(im, colours, variants[b]) for im, b in zip(held_images, held["base"], strict=True)]
+    tones = [skin_tone(im, colours, variants[bases[i]]) for im, i in zip(held_images, held_rows, strict=True)]
     held_features = clip_features(clip, tokenizer, images=to_tensor(held_images, clip_size))
     near = (held_features @ real_features.T).topk(5, dim=1).indices
     report |= {
         "held_out_prompts": len(held_prompts),
-        "held_out_skin_tone": float(np.mean([t == w for t, w in zip(tones, held["skin_tone"], strict=True)])),
+        "held_out_skin_tone": float(np.mean([t == tones_of[i] for t, i in zip(tones, held_rows, strict=True)])),
         "held_out_emoji_top5": float(
-            np.mean([b in {bases[j] for j in n.tolist()} for n, b in zip(near, held["base"], strict=True)])
+            np.mean([bases[i] in {bases[j] for j in n.tolist()} for n, i in zip(near, held_rows, strict=True)])
         ),
         "real_skin_tone": float(
-            np.mean(
-                [
-                    skin_tone(im, colours, variants[b]) == w
-                    for im, b, w in zip(held["image"], held["base"], held["skin_tone"], strict=True)
-                ]
-            )
+            np.mean([skin_tone(images[i], colours, variants[bases[i]]) == tones_of[i] for i in held_rows])
         ),
     }
     return report
