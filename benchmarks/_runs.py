@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ldm_pipeline.training.config import load_config
+from ldm_pipeline.training.run import train
+
 from ldm_pipeline import LatentDiffusionPipeline
-from training.config import load_config
-from training.run import train
 
 
 def trained_pipeline(

@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 
 import torch
+from ldm_pipeline.training.vae import Autoencode
 from torch.profiler import ProfilerActivity, profile
 
 from ldm_pipeline.attention import use_cpu_attention
 from ldm_pipeline.hardware import describe_machine
 from ldm_pipeline.presets import build_unet, build_vae, get_preset
-from training.vae import Autoencode
 
 
 def make_step(model: str, lever: str):

@@ -44,7 +44,7 @@ def main() -> None:
     run = args.run
     results: dict = {}
     if run is None:
-        from training.quickstart import quickstart
+        from ldm_pipeline.training.quickstart import quickstart
 
         run = args.output
         start = time.monotonic()

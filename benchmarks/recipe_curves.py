@@ -29,15 +29,17 @@ import time
 from pathlib import Path
 
 from accelerate.state import AcceleratorState
+from ldm_pipeline.configs import shipped
+from ldm_pipeline.training.config import RunConfig, config_from_dict
+from ldm_pipeline.training.quickstart import RECIPE, synthetic_inputs
+from ldm_pipeline.training.run import train
+from ldm_pipeline.training.vae import Autoencode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldm_pipeline import LatentDiffusionPipeline
 from ldm_pipeline.evaluation import evaluate
 from ldm_pipeline.presets import PRESETS, UNetPreset, build_unet, build_vae, get_preset
-from training.config import RunConfig, config_from_dict
-from training.quickstart import QUICKSTART, synthetic_inputs
-from training.run import train
-from training.vae import Autoencode
+from ldm_pipeline.yaml_io import read_yaml
 
 # The quick start's UNet before this release.
 PREVIOUS_UNET = UNetPreset(channels=(64, 128, 128), attention=(False, True, True), layers_per_block=1)
@@ -62,7 +64,9 @@ def recipes(vae_every: int, unet_every: int) -> dict[str, list[str]]:
         "unet.warmup_steps=200",
         "unet.steps=3300",
     ]
-    current = [f"{stage}.{key}={value}" for stage, keys in QUICKSTART.items() for key, value in keys.items()]
+    recipe = read_yaml(shipped(RECIPE))
+    stages = {k: v for k, v in recipe.items() if isinstance(v, dict) and k in ("vae", "clip", "unet")}
+    current = [f"{stage}.{key}={value}" for stage, keys in stages.items() for key, value in keys.items()]
     # Step ceilings instead of the quick start's minutes (the targets stop the stages first).
     current = [o for o in current if ".max_minutes=" not in o and ".steps=" not in o]
     current += ["vae.steps=3000", "unet.steps=3300", "clip.steps=150"]

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from accelerate.state import AcceleratorState
 from diffusers import UNet2DConditionModel
+from ldm_pipeline.training.config import config_from_dict
+from ldm_pipeline.training.run import train
 
 from ldm_pipeline import LatentDiffusionPipeline
 from ldm_pipeline.evaluation import evaluate
-from training.config import config_from_dict
-from training.run import train
 
 # name -> overrides of the quick-start recipe (the defaults).
 VARIANTS = {

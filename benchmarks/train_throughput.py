@@ -124,9 +124,10 @@ def run_ldm(preset_name: str, batch_size: int, steps: int, overrides: list[str])
     """``ldm train``'s UNet stage on the preset's (untrained) VAE and text encoder given as
     ``pretrained`` parts, with ``overrides`` (``key=value``) on its defaults; ``seconds`` is its
     loop, ``cache_seconds`` its one-off encoding."""
+    from ldm_pipeline.training.config import config_from_dict
+    from ldm_pipeline.training.run import train
+
     from ldm_pipeline.presets import build_pipeline
-    from training.config import config_from_dict
-    from training.run import train
 
     with tempfile.TemporaryDirectory() as out:
         build_pipeline(preset_name).save_pretrained(Path(out) / "parts")

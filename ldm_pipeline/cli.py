@@ -135,7 +135,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the stages a YAML config names (vae, clip, unet)")
-    p.add_argument("config", type=Path, help="YAML run config (see configs/)")
+    p.add_argument("config", type=Path, help="YAML run config, or the name of a shipped one (shapes, emoji, ...)")
     p.add_argument("--output", type=Path, default=Path("runs/train"), help="run folder (default runs/train)")
     p.add_argument("--stage", action="append", choices=["vae", "clip", "unet"], help="run only this stage")
     p.add_argument(
@@ -145,15 +145,25 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="continue the run in --output from its newest complete checkpoint, or from a checkpoint folder",
     )
     p.add_argument("--force-resume", action="store_true", help="resume even if the config changes the maths")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, the data, the models' sizes and each stage's plan; train nothing",
+    )
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. unet.steps=500")
     p.set_defaults(func=_train)
 
 
 def _train(args: argparse.Namespace) -> None:
-    from training.config import load_config
-    from training.run import quality_summary, train
+    from ldm_pipeline.training.config import load_config
+    from ldm_pipeline.training.run import quality_summary, train
 
     cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from ldm_pipeline.training.plan import describe
+
+        print("\n".join(describe(cfg, args.stage)))
+        return
     report = train(cfg, args.output, args.stage, resume=args.resume, force_resume=args.force_resume)
     print(f"run folder: {args.output}")
     if "lora" in report.get("unet", {}):
@@ -173,7 +183,7 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
 
 
 def _quickstart(args: argparse.Namespace) -> None:
-    from training.quickstart import quickstart
+    from ldm_pipeline.training.quickstart import quickstart
 
     metrics = quickstart(args.output, smoke=args.smoke, overrides=args.overrides)
     pipeline = args.output / "pipeline"
@@ -281,7 +291,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from training.export import export_checkpoint
+    from ldm_pipeline.training.export import export_checkpoint
 
     print(f"wrote {export_checkpoint(args.checkpoint, args.output, use_ema=not args.raw)}")
 

@@ -6,7 +6,8 @@ import importlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -28,6 +29,8 @@ class ModelLoadError(ValueError):
 # The pipeline's weighted components and their classes: loaded one by one, strictly.
 MODEL_COMPONENTS = {"vae": AutoencoderKL, "text_encoder": CLIPTextModel, "unet": UNet2DConditionModel}
 
+
+T = TypeVar("T")
 
 # model_index.json may name classes of these libraries only: loading imports the library named.
 INDEX_LIBRARIES = ("diffusers", "transformers")
@@ -155,6 +158,19 @@ def load_pipeline(
         raise ModelLoadError(f"could not load the pipeline from {where} {model!r}: {_first_line(err)}") from err
 
 
+def _in_source(source: str, subfolder: str, load: Callable[[str | None], T], retry: type[Exception]) -> T:
+    """``load(subfolder or None)`` where ``source`` keeps the part: a folder holds it in ``subfolder``
+    (a pipeline or run folder) or is the part itself; a Hub id is the part itself, else holds it in
+    ``subfolder`` (tried when the first attempt raises ``retry``)."""
+    _require_source(source)
+    if os.path.isdir(source):
+        return load(subfolder if os.path.isdir(os.path.join(source, subfolder)) else None)
+    try:
+        return load(None)
+    except retry:
+        return load(subfolder)
+
+
 def load_component(cls: type, source: str, subfolder: str, allow_pickle: bool = False, **kwargs):
     """Load one model (e.g. ``AutoencoderKL``) strictly (`load_model`) from a folder or Hub id.
 
@@ -162,22 +178,11 @@ def load_component(cls: type, source: str, subfolder: str, allow_pickle: bool = 
     training-run folder, in which case the model is read from its ``subfolder`` (``vae``,
     ``text_encoder``, ...). Tokenizers and other weightless parts load with ``from_pretrained``.
     """
-    _require_source(source)
-    if not issubclass(cls, torch.nn.Module):
-        if os.path.isdir(source):
-            inside = os.path.isdir(os.path.join(source, subfolder))
-            return cls.from_pretrained(source, subfolder=subfolder if inside else None, **kwargs)
-        try:
-            return cls.from_pretrained(source, **kwargs)
-        except OSError:
-            return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
-    if os.path.isdir(source):
-        inside = os.path.isdir(os.path.join(source, subfolder))
-        return load_model(cls, source, subfolder if inside else None, allow_pickle, **kwargs)
-    try:
-        return load_model(cls, source, None, allow_pickle, **kwargs)
-    except ModelLoadError:
-        return load_model(cls, source, subfolder, allow_pickle, **kwargs)
+    if issubclass(cls, torch.nn.Module):
+        return _in_source(
+            source, subfolder, lambda sub: load_model(cls, source, sub, allow_pickle, **kwargs), ModelLoadError
+        )
+    return _in_source(source, subfolder, lambda sub: cls.from_pretrained(source, subfolder=sub, **kwargs), OSError)
 
 
 def load_component_config(cls: type, source: str, subfolder: str) -> dict:
@@ -186,20 +191,18 @@ def load_component_config(cls: type, source: str, subfolder: str) -> dict:
     Raises:
         ModelLoadError: the folder or Hub id holds no such config.
     """
+
+    def read(sub: str | None) -> dict:
+        if hasattr(cls, "load_config"):  # diffusers
+            return dict(cls.load_config(source, subfolder=sub))
+        return cls.config_class.from_pretrained(source, subfolder=sub or "").to_dict()  # transformers
+
     try:
-        if os.path.isdir(source):
-            inside = os.path.isdir(os.path.join(source, subfolder))
-            return dict(cls.load_config(source, subfolder=subfolder if inside else None))
-        _require_source(source)
-        try:
-            return dict(cls.load_config(source))
-        except OSError:
-            return dict(cls.load_config(source, subfolder=subfolder))
+        return _in_source(source, subfolder, read, OSError)
+    except ModelLoadError:
+        raise
     except (OSError, ValueError) as err:
-        if isinstance(err, ModelLoadError):
-            raise
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"could not read the {subfolder} config from {source!r}: {first_line}") from err
+        raise ModelLoadError(f"could not read the {subfolder} config from {source!r}: {_first_line(err)}") from err
 
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"

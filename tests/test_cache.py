@@ -7,12 +7,12 @@ import sys
 
 import pytest
 import torch
+from ldm_pipeline.training import cache
+from ldm_pipeline.training.cache import cached_latents, cached_texts
+from ldm_pipeline.training.data import Pixels
 
 from ldm_pipeline.presets import build_text_encoder, build_vae
 from ldm_pipeline.tokenizer import load_clip_tokenizer
-from training import cache
-from training.cache import cached_latents, cached_texts
-from training.data import Pixels
 
 
 @pytest.fixture

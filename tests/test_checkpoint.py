@@ -1,7 +1,6 @@
 """Checkpoints: atomic writes, exact resume after SIGKILL, non-finite guard, clear errors."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,11 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from ldm_pipeline.cli import main
-from training import checkpoint
-from training.checkpoint import (
+from ldm_pipeline.training import checkpoint
+from ldm_pipeline.training.checkpoint import (
     COMPLETE,
     CheckpointError,
     complete_checkpoints,
@@ -22,10 +18,13 @@ from training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from training.config import ConfigError, StageConfig
-from training.loop import Checkpoints, NonFiniteError, make_accelerator, make_optimizer, run_loop
-from training.quickstart import quickstart_config
-from training.run import train
+from ldm_pipeline.training.config import ConfigError, StageConfig
+from ldm_pipeline.training.loop import Checkpoints, NonFiniteError, make_accelerator, make_optimizer, run_loop
+from ldm_pipeline.training.quickstart import quickstart_config
+from ldm_pipeline.training.run import train
+from safetensors.torch import load_file
+
+from ldm_pipeline.cli import main
 
 HELPER = Path(__file__).parent / "helpers" / "killable_run.py"
 
@@ -162,8 +161,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run_when_consecutive(
 
 
 def _run(out: Path, *args: str) -> int:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    return subprocess.run([sys.executable, str(HELPER), str(out), *args], env=env, capture_output=True).returncode
+    return subprocess.run([sys.executable, str(HELPER), str(out), *args], capture_output=True).returncode
 
 
 def _final_state(out: Path) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+from diffusers import AutoencoderKL
 from PIL import Image
 
 from ldm_pipeline.cli import main
@@ -214,3 +215,39 @@ def test_other_runtime_errors_are_not_hidden(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "_train", bug)
     with pytest.raises(RuntimeError, match="a bug in the code"):
         main(["train", str(tmp_path / "c.yaml")])
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tiny_dir, tmp_path, capsys):
+    # A user's folder with one broken image, fine-tuning the tiny pipeline: the resolved config,
+    # the data check's summary, each model's size and plan; no run folder appears.
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a picture {i}")
+    (data / "broken.png").write_bytes(b"not a png")
+    (data / "broken.txt").write_text("a broken picture")
+    out = tmp_path / "run"
+    args = ["train", "finetune", "--dry-run", "--output", str(out), f"pretrained={tiny_dir}", f"data.source={data}"]
+    assert main([*args, "unet.steps=7"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert not out.exists()
+    assert f"  pretrained: {tiny_dir}" in lines
+    assert f"data: {data}: 3 of 4 images usable, 1 skipped (1 not an image file)" in lines
+    vae = sum(p.numel() for p in AutoencoderKL.from_pretrained(tiny_dir / "vae").parameters())
+    assert f"vae: from {tiny_dir} (not trained in this run); {vae / 1e3:.0f}K parameters" in lines
+    unet = next(i for i, line in enumerate(lines) if line.startswith("unet: fine-tuned from"))
+    assert lines[unet + 1].startswith("  plan: 7 steps × batch")
+    assert lines[-1] == "stages to run: unet (dry run: nothing trained)"
+
+
+def test_dry_run_of_a_shipped_recipe_names_its_targets_and_sizes(capsys):
+    assert main(["train", "shapes", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "data: built-in shapes: 20,000 images at 32 px, 256 held out" in lines
+    assert "unet: trained from zero; 6.7M parameters" in lines
+    assert any(
+        line.startswith("  plan: 3,300 steps (at most 40 min) × batch 64") and "stops at adherence 0.97" in line
+        for line in lines
+    )
+    assert any("as many steps as fit in 12 min" in line and "held-out PSNR 31" in line for line in lines)

@@ -1,9 +1,9 @@
 from pathlib import Path
 
 import pytest
-
-from training.config import ConfigError, RunConfig, config_from_dict, load_config, save_config
-from training.quickstart import quickstart_config
+from ldm_pipeline.configs import shipped
+from ldm_pipeline.training.config import ConfigError, RunConfig, config_from_dict, load_config, save_config
+from ldm_pipeline.training.quickstart import quickstart_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -66,9 +66,17 @@ def test_yaml_round_trip_and_file_errors(tmp_path):
         load_config(tmp_path / "bad.yaml")
 
 
-def test_shipped_configs_are_valid_and_match_the_quickstart():
+def test_shipped_configs_are_installed_valid_and_are_the_quickstart():
+    # Every file of configs/ is package data of the installed ldm_pipeline.configs, byte for byte.
+    files = sorted(p.relative_to(CONFIGS) for p in CONFIGS.rglob("*.yaml"))
+    assert len(files) >= 10
+    for name in files:
+        assert shipped(str(name)).read_bytes() == (CONFIGS / name).read_bytes(), name
+    with pytest.raises(FileNotFoundError, match="no shipped config named nothing.yaml"):
+        shipped("nothing.yaml")
     assert load_config(CONFIGS / "shapes.yaml") == quickstart_config()
     assert load_config(CONFIGS / "tiny.yaml") == quickstart_config(smoke=True)
+    assert quickstart_config().unet.target == 0.97
     assert load_config(CONFIGS / "digits.yaml").data.name == "digits"
     emoji = load_config(CONFIGS / "emoji.yaml")
     assert (emoji.data.name, emoji.vae.target, emoji.unet.eval_every) == ("emoji", 27.0, None)

@@ -6,6 +6,7 @@ import json
 import datasets
 import pytest
 import torch
+from ldm_pipeline.training.data import Pixels, bucket_batches
 from PIL import Image
 
 from ldm_pipeline.cli import main
@@ -13,7 +14,6 @@ from ldm_pipeline.data.buckets import fit_to_bucket, make_buckets, nearest_bucke
 from ldm_pipeline.data.decode import SkippedImage, decode_image
 from ldm_pipeline.data.prepare import assign_buckets, prepare_images, scan
 from ldm_pipeline.data.sources import SourceError, load_source
-from training.data import Pixels, bucket_batches
 
 
 def _png(path, size=(12, 8), color=(200, 30, 30)):

@@ -21,7 +21,7 @@ def _free_port() -> int:
 
 def _launch(prefix: list[str], pretrained: Path, out: Path) -> None:
     out.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([*prefix, str(HELPER), str(pretrained), str(out)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from ldm_pipeline.training.config import ConfigError, config_from_dict
 from transformers import CLIPConfig, CLIPModel
 
 from ldm_pipeline.data import emoji as emoji_data
@@ -11,7 +12,6 @@ from ldm_pipeline.evaluation import emoji as emoji_eval
 from ldm_pipeline.evaluation.emoji import r_precision
 from ldm_pipeline.presets import get_preset, text_config, vision_config
 from ldm_pipeline.tokenizer import load_clip_tokenizer
-from training.config import ConfigError, config_from_dict
 
 CODES = ["1F44B", "1F44B-1F3FB", "1F44B-1F3FD", "1F1E9-1F1EA", "0023-FE0F-20E3", "1F468-1F3FD-200D-1F9B0"]
 

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from ldm_pipeline.training.config import ConfigError, config_from_dict
+from ldm_pipeline.training.run import train
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ldm_pipeline import LatentDiffusionPipeline
 from ldm_pipeline.cli import main
 from ldm_pipeline.loading import ModelLoadError
-from training.config import ConfigError, config_from_dict
-from training.run import train
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,7 @@ def test_finetune_from_a_stock_stable_diffusion_folder(user_folder, tmp_path):
 def test_example_finetune_configs_validate(name, tiny_dir, user_folder):
     from pathlib import Path
 
-    from training.config import load_config
+    from ldm_pipeline.training.config import load_config
 
     path = Path(__file__).parents[1] / "configs" / name
     cfg = load_config(path, [f"pretrained={tiny_dir}", f"data.source={user_folder}"])

@@ -122,9 +122,8 @@ def test_ldm_push_uploads_a_loadable_pipeline_with_its_card(run_dir, tmp_path):
 
 def test_training_pushes_its_result_when_asked(tmp_path, monkeypatch):
     import huggingface_hub.constants as hub_constants
-
-    from training.quickstart import quickstart_config
-    from training.run import train
+    from ldm_pipeline.training.quickstart import quickstart_config
+    from ldm_pipeline.training.run import train
 
     with FakeHub() as hub:
         monkeypatch.setattr(hub_constants, "ENDPOINT", hub.url)

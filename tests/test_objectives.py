@@ -1,8 +1,6 @@
 import torch
 from diffusers import DDPMScheduler
-
-from ldm_pipeline.presets import SD_NOISE_SCHEDULE
-from training.objectives import (
+from ldm_pipeline.training.objectives import (
     denoising_loss,
     min_snr_weights,
     offset_noise,
@@ -11,6 +9,8 @@ from training.objectives import (
     sample_timesteps,
     zero_terminal_snr_config,
 )
+
+from ldm_pipeline.presets import SD_NOISE_SCHEDULE
 
 
 def _sched(kind="epsilon"):

@@ -5,12 +5,12 @@ import shlex
 
 import pytest
 import torch
+from ldm_pipeline.training.config import ConfigError, StageConfig
+from ldm_pipeline.training.loop import QualityCheck, make_accelerator, run_loop
+from ldm_pipeline.training.quickstart import quickstart_config
+from ldm_pipeline.training.run import quality_summary, train
 
 from ldm_pipeline.cli import main
-from training.config import ConfigError, StageConfig
-from training.loop import QualityCheck, make_accelerator, run_loop
-from training.quickstart import quickstart_config
-from training.run import quality_summary, train
 
 
 def _loop(
@@ -45,7 +45,7 @@ def test_loop_runs_to_its_step_ceiling_when_the_target_is_missed():
 
 def test_loop_runs_to_its_time_ceiling_when_the_target_is_missed(monkeypatch):
     ticks = iter(range(0, 100_000, 10))  # ten seconds a call: a minute within a few steps
-    monkeypatch.setattr("training.loop.time.monotonic", lambda: next(ticks))
+    monkeypatch.setattr("ldm_pipeline.training.loop.time.monotonic", lambda: next(ticks))
     result = _loop(StageConfig(steps=None, warmup_steps=0, max_minutes=1), [0.0] * 100, target=0.9)
     assert result.stopped_by == "minutes" and result.reached is False and result.steps < 20
 

@@ -3,17 +3,18 @@
 import contextlib
 import json
 import shutil
+from unittest import mock
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ldm_pipeline.training.config import ConfigError, config_from_dict
+from ldm_pipeline.training.loop import NonFiniteError, check_finite
 from safetensors.torch import load_file, save_file
 
 from ldm_pipeline.cli import main
 from ldm_pipeline.loading import ModelLoadError, load_lora, load_pipeline
-from training.config import ConfigError, config_from_dict
-from training.loop import NonFiniteError, check_finite
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
@@ -179,8 +180,13 @@ _leaves = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**6), st.floats(
 _values = st.recursive(_leaves, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_keys, inner, max_size=4))
 
 
+def _no_lookups(*args, **kwargs):
+    raise AssertionError("the config check read a model config from disk or the Hub")
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(_keys, _values, max_size=5))
-def test_config_loader_raises_only_config_errors(data):
-    with contextlib.suppress(ConfigError):  # any other exception fails the test
-        config_from_dict(data)
+def test_config_check_raises_only_config_errors_and_reads_nothing(data):
+    patched = mock.patch("ldm_pipeline.training.config.load_component_config", _no_lookups)
+    with patched, contextlib.suppress(ConfigError):  # any other exception fails the test
+        config_from_dict(data, resolved=False)

@@ -6,15 +6,15 @@ import sys
 import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from ldm_pipeline.training.config import ConfigError, StageConfig
+from ldm_pipeline.training.loop import make_accelerator, make_optimizer, run_loop
+from ldm_pipeline.training.quickstart import quickstart_config
+from ldm_pipeline.training.run import train
+from ldm_pipeline.training.unet import trained_modules
 from transformers import CLIPModel, CLIPTextModel
 
 from ldm_pipeline import LatentDiffusionPipeline
 from ldm_pipeline.cli import main
-from training.config import ConfigError, StageConfig
-from training.loop import make_accelerator, make_optimizer, run_loop
-from training.quickstart import quickstart_config
-from training.run import train
-from training.unet import trained_modules
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_train_cli_reports_bad_config(tmp_path, capsys):
 def test_unet_snapshots_every_n_minutes(tmp_path, monkeypatch):
     # A clock that advances one minute per call makes every step a new training minute.
     ticks = iter(range(0, 10_000, 60))
-    monkeypatch.setattr("training.loop.time.monotonic", lambda: next(ticks))
+    monkeypatch.setattr("ldm_pipeline.training.loop.time.monotonic", lambda: next(ticks))
     cfg = quickstart_config(smoke=True, overrides=["unet.snapshot_every_minutes=2", "stages=[vae, clip, unet]"])
     train(cfg, tmp_path)
     names = sorted(p.name for p in (tmp_path / "snapshots").iterdir())
@@ -112,7 +112,7 @@ def test_unet_snapshots_every_n_minutes(tmp_path, monkeypatch):
 def test_loop_fits_its_schedule_to_max_minutes(monkeypatch, steps, expected):
     # A clock that advances one second per call: about one second per step.
     ticks = iter(range(100_000))
-    monkeypatch.setattr("training.loop.time.monotonic", lambda: next(ticks))
+    monkeypatch.setattr("ldm_pipeline.training.loop.time.monotonic", lambda: next(ticks))
     accelerator = make_accelerator("auto", seed=0)
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

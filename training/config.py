@@ -5,6 +5,7 @@ The dataclass defaults are the shapes quick-start recipe; a YAML file states onl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib.util
@@ -22,6 +23,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from ldm_pipeline.loading import ModelLoadError, load_component_config
 from ldm_pipeline.presets import PRESETS, SD_NOISE_SCHEDULE, get_preset
 from ldm_pipeline.yaml_io import YAMLSyntaxError, parse_yaml, read_yaml
+
+from ..configs import shipped
 
 STAGES = ("vae", "clip", "unet")
 # Built-in datasets whose prompts have a measured adherence (unet.eval_every, unet.target).
@@ -338,34 +341,17 @@ def geometry(cfg: RunConfig) -> Geometry:
     return Geometry(2 ** (vae_blocks - 1), 2 ** (unet_blocks - 1), resolution)
 
 
-def validate(cfg: RunConfig) -> RunConfig:
-    """Check values that are impossible together or alone, fill in data.resolution; return the config."""
+def check(cfg: RunConfig) -> RunConfig:
+    """Check values that are impossible alone or together, reading nothing from disk or the Hub (the
+    checks that need the models' geometry are `resolve`'s); return the config unchanged."""
     if cfg.model not in PRESETS:
         raise ConfigError(f"model: unknown preset {cfg.model!r}; known: {sorted(PRESETS)}")
     for stage in cfg.stages:
         if stage not in STAGES:
             raise ConfigError(f"stages: unknown stage {stage!r}; stages are {list(STAGES)}")
-    if cfg.pretrained is not None:
-        for name in STAGES:
-            stage = getattr(cfg, name)
-            if stage.pretrained is None:
-                stage.pretrained = cfg.pretrained
-    shape = geometry(cfg)
-    factor = shape.vae_factor
-    if cfg.data.resolution is None:
-        cfg.data.resolution = shape.resolution
-    if cfg.data.resolution <= 0 or cfg.data.resolution % shape.bucket_step:
-        raise ConfigError(
-            f"data.resolution: {cfg.data.resolution} is not a positive multiple of {shape.bucket_step} "
-            f"(VAE factor {shape.vae_factor} × UNet down-sampling {shape.unet_factor})"
-        )
-    _positive(cfg.data, "data", ("num_samples",))
+    _positive(cfg.data, "data", ("num_samples", "resolution"))
     d = cfg.data
-    if d.num_samples is None and d.source is None and d.name == "shapes":
-        d.num_samples = 20_000
-    if d.holdout is None:
-        d.holdout = 256 if d.source is None else 0
-    if d.holdout < 0:
+    if d.holdout is not None and d.holdout < 0:
         raise ConfigError(f"data.holdout: must be >= 0, got {d.holdout}")
     if d.max_aspect < 1:
         raise ConfigError(f"data.max_aspect: must be >= 1, got {d.max_aspect}")
@@ -383,11 +369,6 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"unet.lora.dropout: must be in [0, 1), got {lora.dropout}")
         if not lora.target_modules:
             raise ConfigError("unet.lora.target_modules: must name at least one module")
-    if cfg.pretrained is not None:
-        for name in STAGES:
-            stage = getattr(cfg, name)
-            if stage.pretrained is None:
-                stage.pretrained = cfg.pretrained
     for name in STAGES:
         stage = getattr(cfg, name)
         _positive(
@@ -437,16 +418,51 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"unet.{key}: must be >= 0, got {getattr(u, key)}")
     if not 0 < cfg.unet.ema_decay < 1:
         raise ConfigError(f"unet.ema_decay: must be in (0, 1), got {cfg.unet.ema_decay}")
-    if cfg.vae.crop_size is not None and (
-        cfg.vae.crop_size > cfg.data.resolution or cfg.vae.crop_size % factor or cfg.vae.crop_size <= 0
-    ):
-        raise ConfigError(
-            f"vae.crop_size: {cfg.vae.crop_size} must be a positive multiple of the VAE factor {factor} "
-            f"no larger than data.resolution {cfg.data.resolution}"
-        )
+    _positive(cfg.vae, "vae", ("crop_size",))
     if cfg.vae.kl_weight < 0:
         raise ConfigError(f"vae.kl_weight: must be >= 0, got {cfg.vae.kl_weight}")
     return cfg
+
+
+def _holdout(d: DataConfig) -> int:
+    """Held-out images: as set, else 256 of a built-in dataset and none of the user's own data."""
+    return d.holdout if d.holdout is not None else 256 if d.source is None else 0
+
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """Fill in what the config leaves to the run, on a checked config: each stage's pretrained
+    folder from ``pretrained``, the data's defaults, and ``data.resolution`` from the models'
+    geometry (read from the pretrained parts' configs on disk or the Hub); then the checks that
+    need that geometry. Returns the config, changed in place."""
+    if cfg.pretrained is not None:
+        for name in STAGES:
+            stage = getattr(cfg, name)
+            if stage.pretrained is None:
+                stage.pretrained = cfg.pretrained
+    d = cfg.data
+    if d.num_samples is None and d.source is None and d.name == "shapes":
+        d.num_samples = 20_000
+    d.holdout = _holdout(d)
+    shape = geometry(cfg)
+    if d.resolution is None:
+        d.resolution = shape.resolution
+    if d.resolution % shape.bucket_step:
+        raise ConfigError(
+            f"data.resolution: {d.resolution} is not a positive multiple of {shape.bucket_step} "
+            f"(VAE factor {shape.vae_factor} × UNet down-sampling {shape.unet_factor})"
+        )
+    crop = cfg.vae.crop_size
+    if crop is not None and (crop > d.resolution or crop % shape.vae_factor):
+        raise ConfigError(
+            f"vae.crop_size: {crop} must be a positive multiple of the VAE factor {shape.vae_factor} "
+            f"no larger than data.resolution {d.resolution}"
+        )
+    return cfg
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """`check`, then `resolve`: the config a run trains with."""
+    return resolve(check(cfg))
 
 
 def _check_targets(cfg: RunConfig) -> None:
@@ -460,7 +476,7 @@ def _check_targets(cfg: RunConfig) -> None:
                 raise ConfigError(f"{name}.{key}: needs {name}.eval_every (steps between measurements)")
         if stage.decay_at is not None and stage.lr_scheduler != "warmup_stable_decay":
             raise ConfigError(f"{name}.decay_at: needs {name}.lr_scheduler: warmup_stable_decay")
-    if cfg.vae.eval_every is not None and cfg.data.holdout == 0:
+    if cfg.vae.eval_every is not None and _holdout(cfg.data) == 0:
         raise ConfigError("vae.eval_every: the PSNR is measured on held-out images: set data.holdout > 0")
     if cfg.unet.eval_every is not None and (cfg.data.source is not None or cfg.data.name not in ADHERENCE):
         raise ConfigError(
@@ -493,18 +509,24 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def config_from_dict(data: dict, overrides: list[str] | None = None) -> RunConfig:
-    """Build and validate a `RunConfig` from a (possibly partial) nested dict."""
+def config_from_dict(data: dict, overrides: list[str] | None = None, *, resolved: bool = True) -> RunConfig:
+    """Build a `RunConfig` from a (possibly partial) nested dict and check it; ``resolved``: also
+    `resolve` it (defaults, pretrained geometry), else it is checked only, touching no file or Hub."""
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"a run config must be a mapping of keys (model:, data:, unet: ...), got {_kind(data)}")
-    return validate(_from_dict(RunConfig, apply_overrides(data or {}, overrides or []), ""))
+    cfg = check(_from_dict(RunConfig, apply_overrides(data or {}, overrides or []), ""))
+    return resolve(cfg) if resolved else cfg
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config (None: the defaults), apply overrides, validate."""
+    """Read a YAML run config (None: the defaults), apply overrides, validate. A bare name that is
+    not a file here (``shapes.yaml``, ``emoji``) names a shipped config (``ldm_pipeline.configs``)."""
     data: Any = {}
     if path is not None:
         path = Path(path)
+        if not path.is_file() and len(path.parts) == 1:
+            with contextlib.suppress(FileNotFoundError):
+                path = shipped(path.name if path.suffix else f"{path.name}.yaml")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:

@@ -17,7 +17,8 @@ from ldm_pipeline.images import image_grid
 from ldm_pipeline.loading import load_pipeline
 from ldm_pipeline.presets import build_unet, build_vae, get_preset
 
-from .config import RunConfig, StageConfig, config_from_dict
+from ..configs import shipped
+from .config import RunConfig, StageConfig, load_config
 from .loop import make_optimizer
 from .run import quality_summary, train
 from .vae import Autoencode
@@ -33,32 +34,9 @@ GRID_PROMPTS = (
     "a green square on a white background",
 )
 
-# Seconds, not minutes: the tiny preset on a few images, for tests and a first look.
-SMOKE = {
-    "model": "tiny",
-    "data": {"num_samples": 96, "resolution": 32, "holdout": 16},
-    "vae": {"steps": 3, "batch_size": 8},
-    "clip": {"steps": 3, "batch_size": 8},
-    "unet": {"steps": 3, "batch_size": 8},
-}
-
-
-# The shapes recipe with quality targets: the VAE and UNet measure themselves as they train and
-# stop when they reach their targets. The VAE's LR decays when its PSNR nears the target; the
-# UNet's cosine runs over 3,300 steps on any machine (it beat a warmup_stable_decay at 2e-3 step
-# for step, benchmarks/README.md); the minutes are ceilings that shorten it on a very slow CPU.
-# configs/shapes.yaml states the same run (a test checks they agree).
-QUICKSTART = {
-    "vae": {"steps": None, "max_minutes": 12, "target": 31.0, "eval_every": 100, "decay_at": 30.0},
-    "clip": {"max_minutes": 1.5},
-    "unet": {
-        "steps": 3300,
-        "max_minutes": 40,
-        "target": 0.97,
-        "eval_every": 250,
-        "quality_prompts": 108,
-    },
-}
+# The recipes are the shipped YAML files (configs/, installed as ldm_pipeline.configs): the shapes
+# recipe with quality targets, and a smoke run of the tiny preset in seconds.
+RECIPE, SMOKE = "shapes.yaml", "tiny.yaml"
 # What the time estimate assumes (benchmarks/recipe_curves.py): the steps the recipe took to reach
 # its targets, the cost of the quality checks per step, and the rest of the run (data, CLIP stage,
 # caches, the final grid and evaluation) in UNet steps.
@@ -69,7 +47,7 @@ OTHER_UNET_STEPS = 300
 
 def quickstart_config(smoke: bool = False, overrides: list[str] | None = None) -> RunConfig:
     """The quick start's config (the shapes recipe within the time budget), or the smoke version."""
-    return config_from_dict(SMOKE if smoke else QUICKSTART, overrides)
+    return load_config(shipped(SMOKE if smoke else RECIPE), overrides)
 
 
 def _time_steps(step: Callable[[], None], warmup: int = 2, timed: int = 3) -> float:

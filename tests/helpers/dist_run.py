@@ -9,11 +9,10 @@ Each process writes ``OUT/rank{K}.safetensors``: its UNet's raw weights after th
 import sys
 from pathlib import Path
 
+import ldm_pipeline.training.unet as unet_stage
+from ldm_pipeline.training.config import config_from_dict
+from ldm_pipeline.training.run import train
 from safetensors.torch import save_file
-
-import training.unet as unet_stage
-from training.config import config_from_dict
-from training.run import train
 
 
 def main() -> None:

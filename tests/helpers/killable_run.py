@@ -11,11 +11,10 @@ import argparse
 import os
 import signal
 
+import ldm_pipeline.training.checkpoint as checkpoint
 import torch
-
-import training.checkpoint as checkpoint
-from training.quickstart import quickstart_config
-from training.run import train
+from ldm_pipeline.training.quickstart import quickstart_config
+from ldm_pipeline.training.run import train
 
 OVERRIDES = [
     "report_to=none",
