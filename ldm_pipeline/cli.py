@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .errors import InputError, UsageError, user_os_error
 from .schedulers import SCHEDULERS
 
 # torch generators take 64-bit seeds; image N of a run uses seed + N, kept in range.
@@ -86,7 +88,7 @@ def _generate(args: argparse.Namespace) -> None:
     from .schedulers import make_scheduler
 
     if args.out.suffix.lower() != ".png":
-        raise ValueError(f"--out must end in .png, got {args.out}")
+        raise InputError(f"--out must end in .png, got {args.out}")
     # Loading bars would bury the one line the command prints; the sampling bar stays.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
@@ -255,7 +257,7 @@ def _app(args: argparse.Namespace) -> None:
     try:
         import gradio  # noqa: F401
     except ImportError as err:
-        raise ValueError('the app needs Gradio: pip install "ldm-pipeline[app]"') from err
+        raise InputError('the app needs Gradio: pip install "ldm-pipeline[app]"') from err
     from .app import build_app
     from .loading import load_pipeline
 
@@ -335,12 +337,15 @@ def _data_check(args: argparse.Namespace) -> None:
         args.json.write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}")
     if not report["usable"]:
-        raise ValueError(f"{args.source}: no usable image")
+        raise InputError(f"{args.source}: no usable image")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``ldm`` argument parser with one sub-command per verb."""
     parser = argparse.ArgumentParser(prog="ldm", description="latent diffusion text-to-image")
+    parser.add_argument(
+        "--traceback", action="store_true", help="show the full traceback of any error (also: LDM_TRACEBACK=1)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_train(sub)
@@ -354,7 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``ldm`` command; expected failures print one line and return 2."""
+    """Run the ``ldm`` command. The user's errors (`UsageError`, a missing or forbidden path, a full
+    disk, out of memory) print one line and return 2; anything else is a bug and keeps its
+    traceback, as every error does with ``--traceback`` or ``LDM_TRACEBACK=1``."""
     parser = build_parser()
     # Overrides may follow options (`ldm train c.yaml --output o unet.steps=5`), which argparse
     # does not match to a positional after a sub-command: collect them here.
@@ -363,14 +370,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    full = args.traceback or os.environ.get("LDM_TRACEBACK", "") not in ("", "0")
     try:
         args.func(args)
-    except (ValueError, OSError, ArithmeticError) as err:
+    except (UsageError, OSError) as err:
+        if full or not (isinstance(err, UsageError) or user_os_error(err)):
+            raise
         _end_progress_bars()
         print(f"ldm {args.command}: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
-        if not _out_of_memory(err):
+        if full or not _out_of_memory(err):
             raise
         _end_progress_bars()
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

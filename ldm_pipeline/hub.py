@@ -18,6 +18,7 @@ from huggingface_hub import HfApi, ModelCardData
 
 from .data.emoji import ATTRIBUTION as EMOJI_ATTRIBUTION
 from .data.emoji import LICENSE as EMOJI_LICENSE
+from .errors import InputError
 from .loading import LORA_WEIGHTS
 from .yaml_io import parse_yaml
 
@@ -26,7 +27,7 @@ UPLOAD_SUFFIXES = (".safetensors", ".json", ".txt", ".md", ".png")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-class HubError(ValueError):
+class HubError(InputError):
     """A folder that cannot be shared as it is; the message says why."""
 
 

@@ -16,13 +16,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
+from .errors import InputError
 from .pipeline import LatentDiffusionPipeline
 
 # Hub ids are "name" or "owner/name" with letters, digits, "-", "_" and ".".
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(InputError):
     """A model folder or Hub id that cannot be loaded; the message says why."""
 
 

@@ -16,6 +16,8 @@ import math
 import psutil
 import torch
 
+from .errors import InputError
+
 # Peak sampling memory over the largest activation, measured: 3.7-7 (see the module docstring).
 LOW_FACTOR = 3
 
@@ -105,7 +107,7 @@ def check_sampling_fits(
         if fits_batch
         else f"at most about {side}x{side} fits"
     )
-    raise ValueError(
+    raise InputError(
         f"{what} at least {need / 2**30:,.1f} GiB of memory to sample and {free / 2**30:,.1f} GiB "
         f"are free on {device.type}: {hint}"
     )

@@ -32,6 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from .errors import InputError
 from .memory import check_sampling_fits
 from .tokenizer import token_ids
 from .tracing import UNetTraces
@@ -160,41 +161,41 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             or not isinstance(guidance_scale, (int, float))
             or not (math.isfinite(guidance_scale))
         ):
-            raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale!r}")
+            raise InputError(f"`guidance_scale` must be a finite number, got {guidance_scale!r}")
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value <= 0 or value % self.vae_scale_factor != 0:
-                raise ValueError(
+                raise InputError(
                     f"`{name}` must be a positive multiple of the VAE factor {self.vae_scale_factor}, got {value!r}"
                 )
         if not isinstance(num_inference_steps, int) or num_inference_steps <= 0:
-            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}")
+            raise InputError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt <= 0:
-            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}")
+            raise InputError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}")
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
+            raise InputError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("pass exactly one of `prompt` and `prompt_embeds`")
+            raise InputError("pass exactly one of `prompt` and `prompt_embeds`")
         if prompt is not None and not isinstance(prompt, (str, list)):
-            raise ValueError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}")
+            raise InputError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}")
         if isinstance(prompt, list) and (not prompt or not all(isinstance(p, str) for p in prompt)):
-            raise ValueError("`prompt` must be a non-empty list of str")
+            raise InputError("`prompt` must be a non-empty list of str")
         if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("pass at most one of `negative_prompt` and `negative_prompt_embeds`")
+            raise InputError("pass at most one of `negative_prompt` and `negative_prompt_embeds`")
         batch = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else len(prompt_embeds)
         if isinstance(negative_prompt, list) and len(negative_prompt) != batch:
-            raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries but the prompt batch has {batch}")
+            raise InputError(f"`negative_prompt` has {len(negative_prompt)} entries but the prompt batch has {batch}")
         if (
             prompt_embeds is not None
             and negative_prompt_embeds is not None
             and prompt_embeds.shape != negative_prompt_embeds.shape
         ):
-            raise ValueError(
+            raise InputError(
                 f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
                 f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
             )
         unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"`callback_on_step_end_tensor_inputs` has {sorted(unknown)}; allowed: {self._callback_tensor_inputs}"
             )
         # Before anything is allocated: a size or batch that cannot fit is one clear error, not an
@@ -273,14 +274,14 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             width // self.vae_scale_factor,
         )
         if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
+            raise InputError(
                 f"got {len(generator)} generators for an effective batch of {batch_size} images "
                 "(prompts × num_images_per_prompt); pass one generator or one per image"
             )
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
+            raise InputError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
         else:
             latents = latents.to(device=device, dtype=dtype)
         return latents * self.scheduler.init_noise_sigma

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 
+from .errors import InputError
 from .pipeline import LatentDiffusionPipeline
 from .tokenizer import VOCAB_SIZE, load_clip_tokenizer
 
@@ -168,7 +169,7 @@ PRESETS: dict[str, ModelPreset] = {
 def get_preset(name: str) -> ModelPreset:
     """The preset called ``name``; a ``ValueError`` lists the known names otherwise."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
+        raise InputError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
     return PRESETS[name]
 
 

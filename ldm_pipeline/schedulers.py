@@ -17,6 +17,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .errors import InputError
+
 
 class LangevinCorrectorScheduler(SchedulerMixin, ConfigMixin):
     """Predictor-corrector sampling of the reverse VP SDE (Song et al. 2021, "Score-Based
@@ -160,6 +162,6 @@ def make_scheduler(name: str, config: dict) -> SchedulerMixin:
         ValueError: for an unknown name; the message lists the known ones.
     """
     if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
+        raise InputError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
     cls, overrides = SCHEDULERS[name]
     return cls.from_config(config, **overrides)

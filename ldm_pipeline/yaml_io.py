@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from .errors import InputError
+
 
 class Loader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that reads YAML 1.2 floats without a dot (``1e-4``, ``5E3``) and refuses
@@ -37,7 +39,7 @@ Loader.add_implicit_resolver(
 )
 
 
-class YAMLSyntaxError(ValueError):
+class YAMLSyntaxError(InputError):
     """Text that is not YAML; the message is one line with the place and the problem."""
 
 

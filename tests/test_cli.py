@@ -168,6 +168,7 @@ def test_many_images_come_in_batches_each_with_its_own_seed(tiny_dir, tmp_path, 
 
 
 def test_an_error_after_a_progress_bar_starts_its_own_line(tmp_path, capsys, monkeypatch):
+    from ldm_pipeline.training.loop import NonFiniteError
     from tqdm.auto import tqdm
 
     import ldm_pipeline.cli as cli
@@ -175,7 +176,7 @@ def test_an_error_after_a_progress_bar_starts_its_own_line(tmp_path, capsys, mon
     def fails_midway(args):
         bar = tqdm(total=10, desc="unet")
         bar.update(3)
-        raise ValueError("unet: 6 steps in a row had a non-finite loss")
+        raise NonFiniteError("unet: 6 steps in a row had a non-finite loss")
 
     monkeypatch.setattr(cli, "_train", fails_midway)
     assert main(["train", str(tmp_path / "c.yaml")]) == 2
@@ -206,15 +207,38 @@ def test_interrupts_and_allocation_failures_are_one_line(tmp_path, capsys, monke
     assert err.startswith(message) and len(err.splitlines()) == 1
 
 
-def test_other_runtime_errors_are_not_hidden(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "bug",
+    [RuntimeError("a bug in the code"), ValueError("a bug in the code"), OSError(5, "a bug in the code")],
+)
+def test_errors_that_are_not_the_users_keep_their_traceback(tmp_path, monkeypatch, bug):
+    # A ValueError from inside torch or diffusers is a bug, not the user's mistake.
     import ldm_pipeline.cli as cli
 
-    def bug(args):
-        raise RuntimeError("a bug in the code")
+    def fails(args):
+        raise bug
 
-    monkeypatch.setattr(cli, "_train", bug)
-    with pytest.raises(RuntimeError, match="a bug in the code"):
+    monkeypatch.setattr(cli, "_train", fails)
+    with pytest.raises(type(bug), match="a bug in the code"):
         main(["train", str(tmp_path / "c.yaml")])
+
+
+def test_the_users_errors_are_one_line_unless_a_traceback_is_asked_for(tmp_path, capsys, monkeypatch):
+    from ldm_pipeline.training.config import ConfigError
+
+    missing = tmp_path / "c.yaml"
+    assert main(["train", str(missing)]) == 2
+    assert capsys.readouterr().err == f"ldm train: error: config file not found: {missing}\n"
+    # A path of the user's that the OS refuses is theirs too.
+    args = ["generate", "--model", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "no" / "a.png")]
+    monkeypatch.setattr("ldm_pipeline.cli._generate", lambda a: a.out.write_bytes(b""))
+    assert main(args) == 2
+    assert "No such file or directory" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="config file not found"):
+        main(["--traceback", "train", str(missing)])
+    monkeypatch.setenv("LDM_TRACEBACK", "1")
+    with pytest.raises(ConfigError, match="config file not found"):
+        main(["train", str(missing)])
 
 
 def test_dry_run_prints_the_plan_and_trains_nothing(tiny_dir, tmp_path, capsys):

@@ -15,6 +15,7 @@ from transformers import CLIPModel, CLIPTextModel
 
 from ldm_pipeline import LatentDiffusionPipeline
 from ldm_pipeline.cli import main
+from ldm_pipeline.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_unet_stage_alone_reuses_run_folder_and_pretrained_vae(run_dir, tmp_path
 
 
 def test_unet_stage_without_earlier_stages_says_what_is_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run stage 'vae' first or set vae.pretrained"):
+    with pytest.raises(InputError, match="run stage 'vae' first or set vae.pretrained"):
         train(quickstart_config(smoke=True), tmp_path, stages=["unet"])
 
 
@@ -213,3 +214,12 @@ def test_unet_memory_format(memory_format, channels_last):
     assert weight.is_contiguous(memory_format=torch.channels_last) is channels_last
     with pytest.raises(ConfigError, match="memory_format"):
         quickstart_config(smoke=True, overrides=["unet.memory_format=nhwc"])
+
+
+def test_each_random_stream_has_its_own_seed():
+    from ldm_pipeline.training.seeds import OFFSETS, seed_of
+
+    assert len(set(OFFSETS.values())) == len(OFFSETS)
+    assert {seed_of(10, stream) for stream in OFFSETS} == {10 + offset for offset in OFFSETS.values()}
+    with pytest.raises(KeyError):
+        seed_of(0, "unet.nothing")

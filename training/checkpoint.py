@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ldm_pipeline.errors import UsageError
 from ldm_pipeline.loading import non_finite_keys
 
 COMPLETE = "COMPLETE"
@@ -32,7 +33,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 _DISK_MARGIN = 64 * 2**20
 
 
-class CheckpointError(OSError):
+class CheckpointError(UsageError, OSError):
     """A checkpoint that cannot be written or read; the message says why and what is intact."""
 
 

@@ -23,6 +23,7 @@ from .checkpoint import GeneratorState
 from .config import RunConfig
 from .data import ImageSet
 from .loop import check_finite, make_optimizer, run_loop, stage_checkpoints
+from .seeds import seed_of
 
 
 def text_tower(clip: CLIPModel) -> CLIPTextModel:
@@ -49,8 +50,10 @@ def train_clip(
         clip = CLIPModel(config)
         optimizer = make_optimizer(clip.parameters(), c)
         clip, optimizer = accelerator.prepare(clip, optimizer)
-        batches = train.batches(c.batch_size, c.gradient_accumulation_steps, cfg.seed + 1, accelerator)
-        caption_gen = torch.Generator().manual_seed(cfg.seed + 5)
+        batches = train.batches(
+            c.batch_size, c.gradient_accumulation_steps, seed_of(cfg.seed, "clip.batches"), accelerator
+        )
+        caption_gen = torch.Generator().manual_seed(seed_of(cfg.seed, "clip.captions"))
         side = config.vision_config.image_size
 
         def compute_loss(step: int) -> dict[str, torch.Tensor]:

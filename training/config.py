@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
+from ldm_pipeline.errors import InputError
 from ldm_pipeline.loading import ModelLoadError, load_component_config
 from ldm_pipeline.presets import PRESETS, SD_NOISE_SCHEDULE, get_preset
 from ldm_pipeline.yaml_io import YAMLSyntaxError, parse_yaml, read_yaml
@@ -31,7 +32,7 @@ STAGES = ("vae", "clip", "unet")
 ADHERENCE = ("shapes", "digits")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config that cannot run; the message names the key and the problem."""
 
 

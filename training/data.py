@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from ldm_pipeline.data import load_builtin
 from ldm_pipeline.data.prepare import Scan, prepare_images, scan
 from ldm_pipeline.data.sources import load_source
+from ldm_pipeline.errors import InputError
 
 from .config import DataConfig
 
@@ -73,7 +74,7 @@ class ImageSet:
         """
         processes = accelerator.num_processes
         if batch_size % (accumulation * processes):
-            raise ValueError(
+            raise InputError(
                 f"batch_size {batch_size} (images per optimiser step) must be a multiple of "
                 f"{processes} process(es) × {accumulation} accumulation step(s)"
             )
@@ -99,7 +100,7 @@ def bucket_batches(sizes: list[int], global_batch: int, seed: int) -> Iterator[t
     epoch's permutation) and visits them in random order. Every process draws the same sequence.
     """
     if min(sizes) < global_batch:
-        raise ValueError(f"a bucket has {min(sizes)} images, fewer than one batch over all processes ({global_batch})")
+        raise InputError(f"a bucket has {min(sizes)} images, fewer than one batch over all processes ({global_batch})")
     generator = torch.Generator().manual_seed(seed)
     while True:
         chunks = []
@@ -147,7 +148,7 @@ class BatchSampler:
 def _builtin(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
     ds = load_builtin(cfg.name, num_samples=cfg.num_samples, seed=cfg.seed, resolution=cfg.resolution)
     if cfg.holdout >= len(ds):
-        raise ValueError(f"data.holdout ({cfg.holdout}) must be smaller than the dataset ({len(ds)} images)")
+        raise InputError(f"data.holdout ({cfg.holdout}) must be smaller than the dataset ({len(ds)} images)")
     arrays = np.stack([np.asarray(im.convert("RGB").resize((cfg.resolution,) * 2)) for im in ds["image"]])
     images = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
     texts = list(ds["text"])
@@ -197,15 +198,15 @@ def load_images(
     if main_process:
         print(summary)
     if not found.rows:
-        raise ValueError(f"data.source {cfg.source}: no usable image ({found.summary()}){where}")
+        raise InputError(f"data.source {cfg.source}: no usable image ({found.summary()}){where}")
     share = len(found.skipped) / max(found.total, 1)
     if share > cfg.max_skipped_fraction:
-        raise ValueError(
+        raise InputError(
             f"data.source {cfg.source}: {share:.1%} of the images were skipped, over data.max_skipped_fraction "
             f"{cfg.max_skipped_fraction:.1%}{where}"
         )
     if cfg.holdout >= len(found.rows):
-        raise ValueError(f"data.holdout ({cfg.holdout}) must be smaller than the usable images ({len(found.rows)})")
+        raise InputError(f"data.holdout ({cfg.holdout}) must be smaller than the usable images ({len(found.rows)})")
     cut = len(found.rows) - cfg.holdout
     options = {
         "bucketing": cfg.bucketing,

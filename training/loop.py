@@ -26,6 +26,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from ldm_pipeline.errors import InputError, UsageError
 from ldm_pipeline.hardware import default_mixed_precision
 from ldm_pipeline.loading import non_finite_keys
 
@@ -46,7 +47,7 @@ def make_accelerator(
     if mixed_precision == "auto":
         mixed_precision = default_mixed_precision()
     if mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError("mixed_precision fp16 needs a GPU; use bf16 or no on the CPU")
+        raise InputError("mixed_precision fp16 needs a GPU; use bf16 or no on the CPU")
     # On a machine without an accelerator, cpu=True lets a multi-process launch (torchrun)
     # use the gloo backend instead of looking for GPUs.
     has_device = torch.cuda.is_available() or torch.backends.mps.is_available() or torch.xpu.is_available()
@@ -251,7 +252,7 @@ def stage_checkpoints(
     )
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(UsageError, FloatingPointError):
     """Too many optimiser steps in a row had a non-finite loss or gradient."""
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from accelerate.utils import set_seed
 
+from ldm_pipeline.errors import InputError
 from ldm_pipeline.yaml_io import YAMLSyntaxError, read_yaml
 
 from .checkpoint import CheckpointError, latest_checkpoint
@@ -30,6 +31,7 @@ from .clip import train_clip
 from .config import STAGES, ConfigError, RunConfig, geometry, save_config, to_dict
 from .data import load_images
 from .loop import make_accelerator
+from .seeds import seed_of
 from .unet import train_unet
 from .vae import train_vae
 
@@ -177,9 +179,7 @@ def train(
         if resume is not None and stage in report and earlier:
             continue
         point = points.get(stage)
-        # Each stage starts from its own seed, so that it draws the same initial weights and
-        # noise whether or not the stages before it ran in this process (resume).
-        set_seed(cfg.seed + STAGES.index(stage) if stage in STAGES else cfg.seed)
+        set_seed(seed_of(cfg.seed, f"{stage}.start") if stage in STAGES else cfg.seed)
         if stage == "vae":
             report["vae"] = train_vae(cfg, train_pixels, holdout, out, accelerator, point)
         elif stage == "clip":
@@ -187,7 +187,7 @@ def train(
         elif stage == "unet":
             report["unet"] = train_unet(cfg, train_pixels, out, accelerator, point)
         else:
-            raise ValueError(f"unknown stage {stage!r}; stages are vae, clip, unet")
+            raise InputError(f"unknown stage {stage!r}; stages are vae, clip, unet")
         if accelerator.is_main_process:
             (out / "train_report.json").write_text(json.dumps(report, indent=2))
     if cfg.push_to_hub and accelerator.is_main_process:

@@ -28,6 +28,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm_pipeline.attention import use_cpu_attention
+from ldm_pipeline.errors import InputError
 from ldm_pipeline.images import image_grid
 from ldm_pipeline.loading import load_component
 from ldm_pipeline.pipeline import LatentDiffusionPipeline
@@ -57,6 +58,7 @@ from .objectives import (
     zero_terminal_snr_config,
 )
 from .quality import adherence_check
+from .seeds import seed_of
 
 # The scheduler config keys that define the forward process and the model's target (the rest
 # are solver settings).
@@ -77,7 +79,7 @@ def _part(out: Path, name: str, pretrained: str | None, cls: type, stage: str, a
     if pretrained:
         return load_component(cls, pretrained, name, allow_pickle)
     if not (out / name).is_dir():
-        raise FileNotFoundError(f"{out / name} does not exist: run stage '{stage}' first or set {stage}.pretrained")
+        raise InputError(f"{out / name} does not exist: run stage '{stage}' first or set {stage}.pretrained")
     return load_component(cls, str(out), name)
 
 
@@ -200,7 +202,7 @@ def sampling_scheduler(cfg: RunConfig):
     pretrained = pretrained_schedule(c.pretrained)
     predicts = pretrained.pop("prediction_type", c.prediction_type)
     if predicts != c.prediction_type:
-        raise ValueError(
+        raise InputError(
             f"unet.prediction_type is {c.prediction_type!r} but the pretrained model {c.pretrained} predicts "
             f"{predicts!r}: set unet.prediction_type: {predicts}"
         )
@@ -256,10 +258,10 @@ def train_unet(
     optimizer = make_optimizer(trainable(model), c)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
-    batches = train.batches(c.batch_size, c.gradient_accumulation_steps, cfg.seed + 2, accelerator)
+    batches = train.batches(c.batch_size, c.gradient_accumulation_steps, seed_of(cfg.seed, "unet.batches"), accelerator)
     # The same on every process: draws are made for a micro-batch over all processes and then
     # cut to this process's part, so each sample sees the same noise at any world size.
-    generator = torch.Generator().manual_seed(cfg.seed + 3)
+    generator = torch.Generator().manual_seed(seed_of(cfg.seed, "unet.noise"))
     bucket_latents = {id(bucket): cache for bucket, cache in zip(train.buckets, latents, strict=True)}
 
     def compute_loss(step: int) -> dict[str, torch.Tensor]:

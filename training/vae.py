@@ -25,6 +25,7 @@ from .config import RunConfig
 from .data import ImageSet
 from .loop import check_finite, make_optimizer, run_loop, stage_checkpoints
 from .quality import psnr_check
+from .seeds import seed_of
 
 
 class PatchDiscriminator(nn.Module):
@@ -123,7 +124,9 @@ def train_vae(
         vae = new_vae(cfg)
         optimizer = make_optimizer(vae.parameters(), c)
         autoencode, optimizer = accelerator.prepare(Autoencode(vae), optimizer)
-        batches = train.batches(c.batch_size, c.gradient_accumulation_steps, cfg.seed, accelerator)
+        batches = train.batches(
+            c.batch_size, c.gradient_accumulation_steps, seed_of(cfg.seed, "vae.batches"), accelerator
+        )
         use_gan = c.gan_start_step is not None
         disc = d_opt = None
         if use_gan:
@@ -132,7 +135,7 @@ def train_vae(
             disc, d_opt = accelerator.prepare(disc, d_opt)
         state: dict = {}
 
-        crop_gen = torch.Generator().manual_seed(cfg.seed + 4)
+        crop_gen = torch.Generator().manual_seed(seed_of(cfg.seed, "vae.crops"))
         stateful = {"batches": batches, "crop_generator": GeneratorState(crop_gen)}
         if use_gan:
             stateful.update(discriminator=disc, discriminator_optimizer=d_opt)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datasets
 
+from ..errors import InputError
 from .digits import make_digits
 from .emoji import make_emoji
 from .shapes import make_shapes
@@ -29,7 +30,7 @@ def load_builtin(name: str, num_samples: int | None = None, seed: int = 0, resol
         make = make_digits if name == "digits" else make_emoji
         ds = make(resolution=resolution, seed=seed).shuffle(seed=seed)
         return ds.select(range(min(num_samples, len(ds)))) if num_samples else ds.flatten_indices()
-    raise ValueError(f"unknown built-in dataset {name!r}; known: {BUILTIN}")
+    raise InputError(f"unknown built-in dataset {name!r}; known: {BUILTIN}")
 
 
 __all__ = ["BUILTIN", "load_builtin", "make_digits", "make_emoji", "make_shapes"]

@@ -14,6 +14,8 @@ import random
 import numpy as np
 from PIL import Image
 
+from ..errors import InputError
+
 Bucket = tuple[int, int]  # (width, height)
 
 
@@ -23,9 +25,9 @@ def make_buckets(resolution: int, step: int, max_aspect: float = 2.0) -> list[Bu
     The square bucket ``(resolution, resolution)`` is always one of them.
     """
     if resolution % step:
-        raise ValueError(f"resolution {resolution} is not a multiple of the bucket step {step}")
+        raise InputError(f"resolution {resolution} is not a multiple of the bucket step {step}")
     if max_aspect < 1:
-        raise ValueError(f"max_aspect must be >= 1, got {max_aspect}")
+        raise InputError(f"max_aspect must be >= 1, got {max_aspect}")
     area = resolution * resolution
     buckets = {(resolution, resolution)}
     width = step
@@ -64,5 +66,5 @@ def fit_to_bucket(
     elif crop == "center":
         left, top = spare_x // 2, spare_y // 2
     else:
-        raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+        raise InputError(f"crop must be 'center' or 'random', got {crop!r}")
     return np.asarray(image.crop((left, top, left + width, top + height)))

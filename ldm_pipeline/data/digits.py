@@ -16,6 +16,8 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from ..errors import InputError
+
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATES = (
     "a handwritten digit {digit}",
@@ -51,7 +53,7 @@ def make_digits(resolution: int = 32, seed: int = 0) -> datasets.Dataset:
         seed: chooses each image's caption wording.
     """
     if resolution not in (32, 64):
-        raise ValueError(f"digits resolution must be 32 or 64, got {resolution}")
+        raise InputError(f"digits resolution must be 32 or 64, got {resolution}")
     images, labels = load_mnist_5k()
     rng = random.Random(seed)
     rows: dict[str, list] = {"image": [], "text": [], "digit": []}

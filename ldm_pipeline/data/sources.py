@@ -23,6 +23,7 @@ from pathlib import Path
 
 import datasets
 
+from ..errors import InputError
 from .tables import TABLE_SUFFIXES, TableError, read_table
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -33,7 +34,7 @@ IMAGE_COLUMNS = ("image", "file_name", "image_path", "path", "file")
 CAPTION_COLUMNS = ("text", "caption", "prompt")
 
 
-class SourceError(ValueError):
+class SourceError(InputError):
     """A data source that cannot be read as images and captions; the message says why."""
 
 

@@ -14,10 +14,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import InputError
+
 TABLE_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 
 
-class TableError(ValueError):
+class TableError(InputError):
     """A table that cannot be read at all; the message names the file and why."""
 
 

@@ -19,6 +19,7 @@ from ..data import load_builtin
 from ..data import shapes as shapes_data
 from ..data.digits import TEMPLATES as DIGIT_TEMPLATES
 from ..data.digits import caption as digit_caption
+from ..errors import InputError
 from ..loading import load_model
 from ..pipeline import LatentDiffusionPipeline
 from .metrics import clip_score, vae_reconstruction_psnr
@@ -110,7 +111,7 @@ def prompt_adherence(
     combination evenly (`shapes_prompts`; digit prompts always cycle through the digits).
     """
     if num_samples <= 0:
-        raise ValueError(f"num_samples must be positive, got {num_samples}")
+        raise InputError(f"num_samples must be positive, got {num_samples}")
     if dataset == "shapes":
         prompts, labels = shapes_prompts(num_samples, seed, stratified)
         images = generate(pipe, prompts, seed, batch_size, **call_kwargs)
@@ -122,7 +123,7 @@ def prompt_adherence(
         accuracy = float(np.mean(classifier.predict(_digit_features(images)) == np.array(digits)))
         scores = {"digit_accuracy": accuracy, "all_correct": accuracy}
         return {**scores, "classifier_accuracy_on_real": classifier_accuracy}, images, prompts
-    raise ValueError(f"unknown evaluation dataset {dataset!r}; use 'shapes' or 'digits'")
+    raise InputError(f"unknown evaluation dataset {dataset!r}; use 'shapes' or 'digits'")
 
 
 def _load_clip(clip_dir: str | Path):
@@ -135,7 +136,7 @@ def _evaluate_emoji(pipe, num_samples, seed, clip_dir, batch_size, **call_kwargs
     from .emoji import emoji_metrics
 
     if clip_dir is None:
-        raise ValueError("the emoji measures use the run's CLIP evaluator: pass --clip (the run's clip/ folder)")
+        raise InputError("the emoji measures use the run's CLIP evaluator: pass --clip (the run's clip/ folder)")
     clip, tokenizer = _load_clip(clip_dir)
     made: list[Image.Image] = []
 
