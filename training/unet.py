@@ -10,11 +10,15 @@ Fine-tuning: with ``unet.pretrained`` (or the run's ``pretrained``) the UNet and
 schedule come from that model; ``unet.train_text_encoder`` trains the text encoder too (its
 embeddings are then computed each step); ``unet.lora`` trains peft LoRA adapters instead of
 the weights and saves them where ``pipe.load_lora_weights`` reads them.
+
+Where to find each part: `build_caches` (latents and text embeddings, once), `DenoisingLoss`
+(one step's loss), `trained_modules` (what trains; LoRA set-up in training/lora.py),
+`sampling_scheduler` (the noise schedule), validation grids, snapshots and the quality check's
+pipeline in training/validation.py, `train_unet` (the stage, end to end).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import time
@@ -24,12 +28,10 @@ import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
-from diffusers.utils import convert_state_dict_to_diffusers
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm_pipeline.attention import use_cpu_attention
 from ldm_pipeline.errors import InputError
-from ldm_pipeline.images import image_grid
 from ldm_pipeline.loading import load_component
 from ldm_pipeline.pipeline import LatentDiffusionPipeline
 from ldm_pipeline.presets import build_scheduler, build_unet, get_preset
@@ -37,17 +39,17 @@ from ldm_pipeline.tokenizer import token_ids
 
 from .cache import cached_latents, cached_texts
 from .checkpoint import GeneratorState
-from .config import LoRAConfig, RunConfig
+from .config import RunConfig
 from .data import ImageSet
 from .loop import (
     check_finite,
-    log_images,
     make_optimizer,
     run_loop,
     stage_checkpoints,
     trainable,
     zero3_init_disabled,
 )
+from .lora import add_lora, save_lora
 from .objectives import (
     denoising_loss,
     min_snr_weights,
@@ -59,6 +61,7 @@ from .objectives import (
 )
 from .quality import adherence_check
 from .seeds import seed_of
+from .validation import EMAViews
 
 # The scheduler config keys that define the forward process and the model's target (the rest
 # are solver settings).
@@ -98,38 +101,6 @@ def pretrained_schedule(source: str | None) -> dict:
         except OSError:
             return {}
     return {k: config[k] for k in _SCHEDULE_KEYS if config.get(k) is not None}
-
-
-def add_lora(model: torch.nn.Module, lora: LoRAConfig, target_modules: list[str]) -> None:
-    """Freeze ``model`` and give it trainable peft LoRA adapters (named "default") on ``target_modules``."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    config = LoraConfig(
-        r=lora.rank,
-        lora_alpha=lora.alpha or lora.rank,
-        lora_dropout=lora.dropout,
-        init_lora_weights="gaussian",
-        target_modules=target_modules,
-    )
-    model.requires_grad_(False)
-    # peft's own injection: transformers' add_adapter demands a newer peft than the registry has.
-    inject_adapter_in_model(config, model, adapter_name="default")
-    model.peft_config = {"default": config}
-
-
-def save_lora(folder: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
-    """The adapters in diffusers' LoRA format (``pytorch_lora_weights.safetensors`` + metadata),
-    as ``StableDiffusionPipeline.load_lora_weights(folder)`` reads them."""
-    from peft.utils import get_peft_model_state_dict
-
-    layers: dict = {
-        "unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
-        "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
-    }
-    if text_encoder is not None:
-        layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
-        layers["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
-    LatentDiffusionPipeline.save_lora_weights(folder, safe_serialization=True, **layers)
 
 
 class Denoiser(torch.nn.Module):
@@ -229,132 +200,120 @@ def save_outputs(out: Path, cfg: RunConfig, vae, text_encoder, tokenizer, model:
     return out / "pipeline"
 
 
-def train_unet(
-    cfg: RunConfig, train: ImageSet, out: Path, accelerator: Accelerator, resume: Path | None = None
-) -> dict:
-    """Train the UNet (or its LoRA) and save a pipeline folder to ``out/pipeline`` (``out/lora``)."""
-    c = cfg.unet
-    vae, text_encoder, tokenizer = frozen_parts(cfg, out)
-    vae, text_encoder = vae.to(accelerator.device), text_encoder.to(accelerator.device)
+@dataclasses.dataclass
+class Caches:
+    """The frozen models' outputs, computed once: each bucket's latent posterior, and (unless the
+    text encoder trains) every caption's embedding with its row (``""``, caption dropout, is row 0)."""
 
+    latents: list[dict[str, torch.Tensor]]
+    embeds: torch.Tensor | None
+    row_of: dict[str, int] | None
+    minutes: float
+
+
+def build_caches(cfg: RunConfig, train: ImageSet, parts: tuple, out: Path, accelerator: Accelerator) -> Caches:
+    """Encode the training images (and captions) once, or read what an earlier run cached."""
+    vae, text_encoder, tokenizer = parts
     cache_dir = cfg.data.cache_dir or out / "cache"
-    cache_start = time.monotonic()
-    captions = sorted({t for bucket in train.buckets for caps in bucket.captions for t in caps})
+    start = time.monotonic()
+    embeds, row_of = None, None
     with accelerator.main_process_first():  # the others then read what the main process wrote
         latents = [cached_latents(vae, bucket, cache_dir, flip=cfg.data.random_flip) for bucket in train.buckets]
-        if not c.train_text_encoder:
+        if not cfg.unet.train_text_encoder:
+            captions = sorted({t for bucket in train.buckets for caps in bucket.captions for t in caps})
             embeds, text_index = cached_texts(text_encoder, tokenizer, captions, cache_dir)
-            # "" (caption dropout) is always entry 0.
-            embedding_of = {"": 0, **dict(zip(captions, text_index.tolist(), strict=True))}
-    cache_minutes = (time.monotonic() - cache_start) / 60
-    scale = vae.config.scaling_factor
+            row_of = {"": 0, **dict(zip(captions, text_index.tolist(), strict=True))}
+    return Caches(latents, embeds, row_of, (time.monotonic() - start) / 60)
 
-    model = trained_modules(cfg, text_encoder)
-    channels_last = uses_channels_last(c.memory_format)
-    sampler = sampling_scheduler(cfg)
-    noise_scheduler = DDPMScheduler.from_config(sampler.config)
-    # foreach: one fused update over all parameters instead of three ops and a Python check per parameter.
-    ema = EMAModel(trainable(model), decay=c.ema_decay, foreach=True)
-    optimizer = make_optimizer(trainable(model), c)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    ema.to(accelerator.device)
-    batches = train.batches(c.batch_size, c.gradient_accumulation_steps, seed_of(cfg.seed, "unet.batches"), accelerator)
-    # The same on every process: draws are made for a micro-batch over all processes and then
-    # cut to this process's part, so each sample sees the same noise at any world size.
-    generator = torch.Generator().manual_seed(seed_of(cfg.seed, "unet.noise"))
-    bucket_latents = {id(bucket): cache for bucket, cache in zip(train.buckets, latents, strict=True)}
 
-    def compute_loss(step: int) -> dict[str, torch.Tensor]:
-        batch = next(batches)
-        cache, index, part = bucket_latents[id(batch.pixels)], batch.index, batch.part
+class DenoisingLoss:
+    """One step's loss: a batch of cached latents noised at random timesteps, captions dropped
+    with probability ``caption_dropout``, and the UNet's output regressed on the prediction
+    target, weighted per sample by min-SNR when set. The draws are made for a micro-batch over
+    all processes and then cut to this process's part, so that each sample sees the same noise at
+    any world size."""
+
+    def __init__(
+        self, cfg: RunConfig, train: ImageSet, caches: Caches, parts: tuple, model, sampler, accelerator: Accelerator
+    ):
+        vae, _, self.tokenizer = parts
+        self.c, self.flip, self.scale = cfg.unet, cfg.data.random_flip, vae.config.scaling_factor
+        self.caches, self.model, self.device = caches, model, accelerator.device
+        # Training's forward process is the saved sampler's noise schedule.
+        self.noise_scheduler = DDPMScheduler.from_config(sampler.config)
+        self.channels_last = uses_channels_last(self.c.memory_format)
+        self.batches = train.batches(
+            self.c.batch_size, self.c.gradient_accumulation_steps, seed_of(cfg.seed, "unet.batches"), accelerator
+        )
+        self.generator = torch.Generator().manual_seed(seed_of(cfg.seed, "unet.noise"))
+        self.latents_of = {id(bucket): cache for bucket, cache in zip(train.buckets, caches.latents, strict=True)}
+
+    def __call__(self, step: int) -> dict[str, torch.Tensor]:
+        c, generator = self.c, self.generator
+        batch = next(self.batches)
+        cache, index, part = self.latents_of[id(batch.pixels)], batch.index, batch.part
         n = len(batch.chunk)
         shape = (n, *cache["mean"].shape[1:])
         mean, std = cache["mean"][index], cache["std"][index]
-        if cfg.data.random_flip:
+        if self.flip:
             flip = (torch.rand(n, generator=generator) < 0.5)[part].view(-1, 1, 1, 1)
             mean = torch.where(flip, cache["mean_flipped"][index], mean)
             std = torch.where(flip, cache["std_flipped"][index], std)
-        z0 = (mean + std * torch.randn(shape, generator=generator)[part]) * scale
+        z0 = (mean + std * torch.randn(shape, generator=generator)[part]) * self.scale
         noise = offset_noise(torch.randn(shape, generator=generator), c.noise_offset, generator)
         t = sample_timesteps(n, *c.timestep_range, generator=generator)[part]
         keep = (torch.rand(n, generator=generator) >= c.caption_dropout)[part]
         picked = batch.pixels.pick_captions(batch.chunk, generator)[part]
         texts = [text if k else "" for text, k in zip(picked, keep.tolist(), strict=True)]
         if c.train_text_encoder:
-            cond = token_ids(tokenizer, texts)
+            cond = token_ids(self.tokenizer, texts)
         else:
-            cond = embeds[torch.tensor([embedding_of[text] for text in texts])]
+            cond = self.caches.embeds[torch.tensor([self.caches.row_of[text] for text in texts])]
         noisy_input = perturbed_noise(noise, c.input_perturbation, generator)[part]
         noise = noise[part]
-        z0, noise, noisy_input, t, cond = (v.to(accelerator.device) for v in (z0, noise, noisy_input, t, cond))
-        zt = noise_scheduler.add_noise(z0, noisy_input, t)
-        if channels_last:
+        z0, noise, noisy_input, t, cond = (v.to(self.device) for v in (z0, noise, noisy_input, t, cond))
+        zt = self.noise_scheduler.add_noise(z0, noisy_input, t)
+        if self.channels_last:
             zt = zt.contiguous(memory_format=torch.channels_last)
-        pred = model(zt, t, cond).float()
-        target = prediction_target(noise_scheduler, z0, noise, t, c.prediction_type)
+        pred = self.model(zt, t, cond).float()
+        target = prediction_target(self.noise_scheduler, z0, noise, t, c.prediction_type)
         per_sample = denoising_loss(pred, target, c.loss, c.huber_delta)
         if c.min_snr_gamma is not None:
-            per_sample = per_sample * min_snr_weights(noise_scheduler, t, c.min_snr_gamma, c.prediction_type)
+            per_sample = per_sample * min_snr_weights(self.noise_scheduler, t, c.min_snr_gamma, c.prediction_type)
         return {"loss": per_sample.mean()}
 
-    @contextlib.contextmanager
-    def ema_weights():
-        """The unwrapped trained modules with the EMA weights in place for the duration."""
-        inner = accelerator.unwrap_model(model)
-        ema.store(trainable(inner))
-        ema.copy_to(trainable(inner))
-        try:
-            yield inner
-        finally:
-            ema.restore(trainable(inner))
 
-    def snapshot(minutes: float) -> None:
-        """Save the EMA weights as they stand, for adherence-against-minutes curves."""
-        if not c.snapshot_every_minutes or int(minutes) % c.snapshot_every_minutes or not accelerator.is_main_process:
-            return
-        with ema_weights() as inner:
-            inner.unet.save_pretrained(out / "snapshots" / f"unet-{int(minutes):03d}min")
-
-    def validate(step: int) -> dict[str, float]:
-        """Every ``validation_every_steps``: the validation prompts, seeds 0..n-1, into a grid."""
-        if not c.validation_every_steps or (step + 1) % c.validation_every_steps or not accelerator.is_main_process:
-            return {}
-        with ema_weights() as inner, torch.no_grad():
-            pipe = LatentDiffusionPipeline(vae, text_encoder, tokenizer, inner.unet, sampler)
-            pipe.set_progress_bar_config(disable=True)
-            seeds = [torch.Generator().manual_seed(i) for i in range(len(c.validation_prompts))]
-            with accelerator.autocast():
-                images = pipe(list(c.validation_prompts), generator=seeds).images
-            inner.train()
-        (out / "validation").mkdir(exist_ok=True)
-        image_grid(images, cols=min(4, len(images))).save(out / "validation" / f"unet-step{step + 1:06d}.png")
-        log_images(accelerator, "validation", images, step + 1)
-        return {}
-
-    @contextlib.contextmanager
-    def ema_pipeline():
-        """The pipeline the stage would save now (EMA weights), for measuring its adherence."""
-        with ema_weights() as inner, torch.no_grad():
-            inner.eval()
-            fresh = type(sampler).from_config(sampler.config)
-            pipe = LatentDiffusionPipeline(vae, text_encoder, tokenizer, inner.unet, fresh)
-            pipe.set_progress_bar_config(disable=True)
-            yield pipe
-
+def train_unet(
+    cfg: RunConfig, train: ImageSet, out: Path, accelerator: Accelerator, resume: Path | None = None
+) -> dict:
+    """Train the UNet (or its LoRA) and save a pipeline folder to ``out/pipeline`` (``out/lora``)."""
+    c = cfg.unet
+    vae, text_encoder, tokenizer = frozen_parts(cfg, out)
+    parts = (vae.to(accelerator.device), text_encoder.to(accelerator.device), tokenizer)
+    caches = build_caches(cfg, train, parts, out, accelerator)
+    model = trained_modules(cfg, text_encoder)
+    sampler = sampling_scheduler(cfg)
+    # foreach: one fused update over all parameters instead of three ops and a Python check per parameter.
+    ema = EMAModel(trainable(model), decay=c.ema_decay, foreach=True)
+    optimizer = make_optimizer(trainable(model), c)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.to(accelerator.device)
+    loss = DenoisingLoss(cfg, train, caches, parts, model, sampler, accelerator)
+    views = EMAViews(model, ema, accelerator, parts, sampler, c, out)
     check = None
     if c.eval_every:
-        check = adherence_check(cfg.data.name, ema_pipeline, c.quality_prompts, c.eval_every, c.target, c.decay_at)
-    stateful = {"batches": batches, "generator": GeneratorState(generator)}
+        check = adherence_check(cfg.data.name, views.pipeline, c.quality_prompts, c.eval_every, c.target, c.decay_at)
+    stateful = {"batches": loss.batches, "generator": GeneratorState(loss.generator)}
     result = run_loop(
         accelerator,
         model,
         optimizer,
-        compute_loss,
+        loss,
         c,
         desc="unet",
         ema=ema,
-        after_step=validate,
-        on_minute=snapshot,
+        after_step=views.validation_grid,
+        on_minute=views.snapshot,
         checkpoints=stage_checkpoints(out, "unet", c, stateful, resume),
         quality=check,
     )
@@ -364,8 +323,8 @@ def train_unet(
         "steps": result.steps,
         "minutes": round(result.minutes, 2),
         "seconds": round(result.minutes * 60, 3),  # unrounded enough for short benchmark runs
-        "cache_minutes": round(cache_minutes, 3),
-        "cache_seconds": round(cache_minutes * 60, 3),
+        "cache_minutes": round(caches.minutes, 3),
+        "cache_seconds": round(caches.minutes * 60, 3),
         "final_loss": result.final_loss,
         "skipped_steps": result.skipped,
         "images": len(train),
@@ -373,7 +332,7 @@ def train_unet(
         **result.quality_report(check),
     }
     if accelerator.is_main_process:
-        written = save_outputs(out, cfg, vae, text_encoder, tokenizer, inner, sampler)
+        written = save_outputs(out, cfg, *parts, inner, sampler)
         metrics["lora" if cfg.unet.lora is not None else "pipeline"] = str(written)
         result.save(out / "logs" / "unet_losses.json")
     accelerator.wait_for_everyone()
