@@ -70,8 +70,8 @@ def attention_call(shape: tuple[int, ...], upcast: bool) -> Callable[[], None]:
 
 def unet_step(processor: str, autocast: bool, batch: int) -> Callable[[], None]:
     from diffusers.models.attention_processor import AttnProcessor2_0
+    from ldm_pipeline.training.attention import CPUAttnProcessor
 
-    from ldm_pipeline.attention import CPUAttnProcessor
     from ldm_pipeline.presets import build_unet, get_preset
 
     preset = get_preset("shapes")

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 from _runs import trained_pipeline
+from ldm_pipeline.training.hardware import describe_machine
 
 from ldm_pipeline.data.emoji import make_emoji
 from ldm_pipeline.evaluation import evaluate
-from ldm_pipeline.hardware import describe_machine
 from ldm_pipeline.images import image_grid
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "emoji.yaml"

@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 
 import torch
+from ldm_pipeline.training.attention import use_cpu_attention
+from ldm_pipeline.training.hardware import describe_machine
 from ldm_pipeline.training.vae import Autoencode
 from torch.profiler import ProfilerActivity, profile
 
-from ldm_pipeline.attention import use_cpu_attention
-from ldm_pipeline.hardware import describe_machine
 from ldm_pipeline.presets import build_unet, build_vae, get_preset
 
 

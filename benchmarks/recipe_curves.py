@@ -145,7 +145,7 @@ def main() -> None:
             "train minutes": old["train_minutes"] / new["train_minutes"],
         }
         print("previous / current:", json.dumps(results["ratios"]))
-    from ldm_pipeline.hardware import describe_machine
+    from ldm_pipeline.training.hardware import describe_machine
 
     results["machine"] = describe_machine("auto")
     if args.out:

@@ -106,7 +106,7 @@ def main() -> None:
         vae = AutoencoderKL.load_config(args.model, subfolder="vae")
         unet = UNet2DConditionModel.load_config(args.model, subfolder="unet")
         args.size = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
-    from ldm_pipeline.hardware import describe_machine
+    from ldm_pipeline.training.hardware import describe_machine
 
     results = {
         "model": args.model or f"preset {args.preset}",

@@ -12,6 +12,17 @@ attention processors, adapter scales, hooks. So a trace is only used for a UNet 
 (`plain_signature`), is keyed by that state and the input shapes and dtypes, is made only the
 second time a pipeline meets a key (a one-off call never pays for tracing), and must reproduce the
 eager forward exactly once when made, or the key stays eager.
+
+What guards it against a library update. `plain_signature` reads private attributes of torch
+(``_compiled_call_impl``, ``_forward_hooks``, ``_forward_pre_hooks``), diffusers
+(``_hf_peft_config_loaded``, FreeU's ``b1`` on the up blocks) and peft (its layers' module names).
+Each state they detect is also caught by a second check (a compiled or adapted UNet also has a
+non-plain module or processor), and tests/test_tracing.py puts the UNet in each state (training,
+hook, custom processor, FreeU, compiled, adapter, LoRA scale) and fails if the signature does not
+turn eager, or if the images differ from eager ones. ``torch.jit.trace`` is in maintenance in
+PyTorch: any exception while tracing, or a trace that does not reproduce the eager output
+exactly, leaves that key eager with a warning (tested by making both happen), so a torch that
+drops or changes it costs speed, never images. ``pipe.disable_unet_tracing()`` turns it off.
 """
 
 from __future__ import annotations

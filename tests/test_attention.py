@@ -1,13 +1,13 @@
 """CPUAttnProcessor: fp32 attention for short low-precision sequences, diffusers' processor otherwise."""
 
+import ldm_pipeline.training.attention as attention
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from ldm_pipeline.training.attention import CPUAttnProcessor, use_cpu_attention
 from ldm_pipeline.training.quickstart import quickstart_config
 from ldm_pipeline.training.unet import trained_modules
 
-import ldm_pipeline.attention as attention
-from ldm_pipeline.attention import CPUAttnProcessor, use_cpu_attention
 from ldm_pipeline.presets import build_unet, get_preset
 
 

@@ -1,8 +1,7 @@
 """The machine line: the CPU's features, the precision chosen and why."""
 
 import pytest
-
-from ldm_pipeline import hardware
+from ldm_pipeline.training import hardware
 
 AVX2_ONLY = "model name\t: Test CPU 3000\nflags\t\t: fpu sse4_2 avx avx2 fma\n"
 BF16 = "model name\t: Test CPU 9000\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"

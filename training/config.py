@@ -194,7 +194,7 @@ class UNetConfig(StageConfig):
     # it slowed training (benchmarks/README.md, train_throughput section).
     memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
     # "auto": attention over short sequences in fp32 on the CPU, where PyTorch's bf16 flash kernel
-    # is slow (ldm_pipeline/attention.py); "sdpa": diffusers' default processor everywhere.
+    # is slow (training/attention.py); "sdpa": diffusers' default processor everywhere.
     attention: Literal["auto", "sdpa"] = "auto"
     # Also train the text encoder (its embeddings are then computed each step, not cached).
     train_text_encoder: bool = False
@@ -234,7 +234,7 @@ class RunConfig:
     # (unpickling can run code from the file).
     allow_pickle: bool = False
     seed: int = 0
-    # "auto": bf16 where the hardware runs it fast (see ldm_pipeline.hardware), else fp32.
+    # "auto": bf16 where the hardware runs it fast (see ldm_pipeline.training.hardware), else fp32.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     # Upload the result (pipeline/ or lora/) with a model card to this Hub repository (USER/NAME)
     # when training ends; the token comes from HF_TOKEN or `hf auth login`.

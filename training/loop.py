@@ -27,11 +27,11 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ldm_pipeline.errors import InputError, UsageError
-from ldm_pipeline.hardware import default_mixed_precision
 from ldm_pipeline.loading import non_finite_keys
 
 from .checkpoint import CheckpointError, GeneratorState, load_checkpoint, save_checkpoint
 from .config import StageConfig
+from .hardware import default_mixed_precision
 
 
 def make_accelerator(

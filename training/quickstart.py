@@ -10,15 +10,15 @@ from pathlib import Path
 
 import torch
 
-from ldm_pipeline.attention import use_cpu_attention
 from ldm_pipeline.evaluation import evaluate
-from ldm_pipeline.hardware import default_mixed_precision, describe_machine
 from ldm_pipeline.images import image_grid
 from ldm_pipeline.loading import load_pipeline
 from ldm_pipeline.presets import build_unet, build_vae, get_preset
 
 from ..configs import shipped
+from .attention import use_cpu_attention
 from .config import RunConfig, StageConfig, load_config
+from .hardware import default_mixed_precision, describe_machine
 from .loop import make_optimizer
 from .run import quality_summary, train
 from .vae import Autoencode

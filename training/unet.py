@@ -30,13 +30,13 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ldm_pipeline.attention import use_cpu_attention
 from ldm_pipeline.errors import InputError
 from ldm_pipeline.loading import load_component
 from ldm_pipeline.pipeline import LatentDiffusionPipeline
 from ldm_pipeline.presets import build_scheduler, build_unet, get_preset
 from ldm_pipeline.tokenizer import token_ids
 
+from .attention import use_cpu_attention
 from .cache import cached_latents, cached_texts
 from .checkpoint import GeneratorState
 from .config import RunConfig
