@@ -8,6 +8,17 @@ import torch
 from ldm_pipeline import LatentDiffusionPipeline, build_pipeline
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each test's Accelerator starts afresh: accelerate keeps one process-wide state, so the first
+    test's mixed precision would otherwise hold for every later test in the process."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory):
     """A saved, untrained `tiny` pipeline with seeded weights."""

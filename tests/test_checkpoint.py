@@ -183,6 +183,7 @@ def uninterrupted(tmp_path_factory):
     return _final_state(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kill",
     [
@@ -206,6 +207,7 @@ def test_resume_after_sigkill_is_bit_identical(kill, uninterrupted, tmp_path):
         assert not list((tmp_path / "checkpoints" / stage).glob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_config_that_changes_the_maths(tmp_path):
     cfg = quickstart_config(smoke=True, overrides=["report_to=none", "vae.steps=2", "clip.steps=2", "unet.steps=2"])
     train(cfg, tmp_path)
@@ -227,6 +229,7 @@ def test_resume_refuses_a_config_that_changes_the_maths(tmp_path):
         train(cfg, tmp_path, resume="latest")
 
 
+@pytest.mark.slow
 def test_export_turns_a_checkpoint_into_the_pipeline_the_run_saved(tmp_path, capsys):
     cfg = quickstart_config(smoke=True, overrides=["report_to=none", "vae.steps=2", "clip.steps=2", "unet.steps=3"])
     train(cfg, tmp_path / "run")

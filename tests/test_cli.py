@@ -85,6 +85,7 @@ def test_folder_without_model_index_is_named(tmp_path, capsys):
     assert "has no model_index.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_reports_bad_value_without_traceback(tmp_path):
     proc = subprocess.run(
         [
@@ -139,6 +140,7 @@ def test_eval_writes_report(tiny_dir, tmp_path, capsys):
     assert "invalid choice: 'faces'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_commands_print_no_notice_a_user_cannot_act_on(tmp_path):
     # transformers' "requires torchvision (not installed)" notice came on every command.
     proc = subprocess.run(

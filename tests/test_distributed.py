@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -26,6 +27,7 @@ def _launch(prefix: list[str], pretrained: Path, out: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_dir, tmp_path):
     _launch([sys.executable], tiny_dir, tmp_path / "one")
     torchrun = [

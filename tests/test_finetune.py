@@ -57,6 +57,7 @@ def _images(pipe, prompt="a photo number 3"):
     return pipe(prompt, num_inference_steps=3, guidance_scale=2.5, generator=generator, output_type="np").images
 
 
+@pytest.mark.slow
 def test_full_finetune_from_a_saved_pipeline_skips_and_reports_broken_files(tiny_dir, user_folder, tmp_path):
     report = train(_config(tiny_dir, user_folder), tmp_path)
     assert report["unet"]["steps"] == 3 and report["unet"]["images"] == 16
@@ -76,6 +77,7 @@ def test_full_finetune_from_a_saved_pipeline_skips_and_reports_broken_files(tiny
     np.testing.assert_array_equal(_images(stock), _images(tuned))
 
 
+@pytest.mark.slow
 def test_too_many_skipped_files_stop_the_run_after_writing_the_report(tiny_dir, user_folder, tmp_path):
     cfg = _config(tiny_dir, user_folder)
     cfg.data.max_skipped_fraction = 0.1
@@ -85,6 +87,7 @@ def test_too_many_skipped_files_stop_the_run_after_writing_the_report(tiny_dir, 
     assert not (tmp_path / "pipeline").exists()
 
 
+@pytest.mark.slow
 def test_lora_loads_in_stock_diffusers_with_the_same_images(tiny_dir, user_folder, tmp_path):
     lora = {"rank": 4, "alpha": 8}
     report = train(_config(tiny_dir, user_folder, lora=lora, train_text_encoder=True, learning_rate=0.05), tmp_path)
@@ -129,6 +132,7 @@ def test_train_cli_on_a_folder_with_nothing_usable_fails_clearly(tiny_dir, tmp_p
     assert "no usable image" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_finetune_from_a_pipeline_with_a_nan_in_a_frozen_part_is_refused(tiny_dir, user_folder, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(tiny_dir, base)
@@ -141,6 +145,7 @@ def test_finetune_from_a_pipeline_with_a_nan_in_a_frozen_part_is_refused(tiny_di
     assert not (tmp_path / "run" / "pipeline").exists()
 
 
+@pytest.mark.slow
 def test_finetune_from_a_stock_stable_diffusion_folder(user_folder, tmp_path):
     """A folder as StableDiffusionPipeline.save_pretrained writes it (PNDM scheduler, no safety checker)."""
     from diffusers import PNDMScheduler
@@ -179,6 +184,7 @@ def test_example_finetune_configs_validate(name, tiny_dir, user_folder):
     assert cfg.unet.pretrained == str(tiny_dir) and cfg.data.bucketing
 
 
+@pytest.mark.slow
 def test_full_finetune_can_train_the_text_encoder_too(tiny_dir, user_folder, tmp_path):
     train(_config(tiny_dir, user_folder, train_text_encoder=True), tmp_path)
     tuned = LatentDiffusionPipeline.from_pretrained(tmp_path / "pipeline")
@@ -189,6 +195,7 @@ def test_full_finetune_can_train_the_text_encoder_too(tiny_dir, user_folder, tmp
     assert not list((tmp_path / "cache").glob("texts-*"))  # embeddings are computed each step, not cached
 
 
+@pytest.mark.slow
 def test_a_pretrained_model_with_another_prediction_type_is_not_silently_retargeted(tiny_dir, user_folder, tmp_path):
     import shutil
 

@@ -95,6 +95,7 @@ def test_push_refuses_pickle_weights(run_dir):
         push(run_dir / "pipeline", "me/x")
 
 
+@pytest.mark.slow
 def test_ldm_push_uploads_a_loadable_pipeline_with_its_card(run_dir, tmp_path):
     with FakeHub() as hub:
         env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
@@ -120,6 +121,7 @@ def test_ldm_push_uploads_a_loadable_pipeline_with_its_card(run_dir, tmp_path):
     assert all(torch.equal(v, theirs[k]) for k, v in pulled.unet.state_dict().items())
 
 
+@pytest.mark.slow
 def test_training_pushes_its_result_when_asked(tmp_path, monkeypatch):
     import huggingface_hub.constants as hub_constants
     from ldm_pipeline.training.quickstart import quickstart_config

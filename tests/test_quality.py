@@ -72,6 +72,7 @@ def test_targets_are_validated(overrides, message):
         quickstart_config(smoke=True, overrides=overrides)
 
 
+@pytest.mark.slow
 def test_stages_measure_quality_and_report_a_missed_target_with_a_command_that_continues_it(tmp_path, capsys):
     out = tmp_path / "run"
     overrides = [

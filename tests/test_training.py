@@ -1,6 +1,7 @@
 """Each stage runs a few steps on tiny configs and writes outputs that load."""
 
 import json
+import math
 import sys
 
 import pytest
@@ -33,12 +34,13 @@ def run_dir(tmp_path_factory):
     return out, report
 
 
+@pytest.mark.slow
 def test_stages_write_loadable_outputs(run_dir):
     out, report = run_dir
     assert set(report) >= {"vae", "clip", "unet"}
     vae = AutoencoderKL.from_pretrained(out / "vae")
     assert vae.config.scaling_factor != 1.0 and vae.config.scaling_factor == report["vae"]["scaling_factor"]
-    assert report["vae"]["steps"] == 3 and "psnr" in report["vae"]
+    assert report["vae"]["steps"] == 3 and 0 < report["vae"]["psnr"] < 60
     assert any("g" in e for e in json.loads((out / "logs" / "vae_losses.json").read_text())["losses"])
     CLIPModel.from_pretrained(out / "clip")
     text = CLIPTextModel.from_pretrained(out / "text_encoder")
@@ -46,12 +48,14 @@ def test_stages_write_loadable_outputs(run_dir):
     ours, trained = pipe.text_encoder.state_dict(), text.state_dict()
     assert ours.keys() == trained.keys() and all(torch.equal(ours[k], trained[k]) for k in ours)
     assert pipe.vae.config.scaling_factor == vae.config.scaling_factor
-    assert StableDiffusionPipeline.from_pretrained(out / "pipeline", safety_checker=None) is not None
+    stock = StableDiffusionPipeline.from_pretrained(out / "pipeline", safety_checker=None)
+    assert type(stock) is StableDiffusionPipeline and stock.unet.config == pipe.unet.config
     assert (out / "config.yaml").is_file()
     pipe.set_progress_bar_config(disable=True)
     assert pipe("a red circle", num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
 
 
+@pytest.mark.slow
 def test_run_logs_validation_grids_tensorboard_and_cache(run_dir):
     out, _ = run_dir
     assert [p.name for p in (out / "validation").iterdir()] == ["unet-step000002.png"]
@@ -59,6 +63,7 @@ def test_run_logs_validation_grids_tensorboard_and_cache(run_dir):
     assert sorted(p.name.split("-")[0] for p in (out / "cache").iterdir()) == ["latents", "texts"]
 
 
+@pytest.mark.slow
 def test_unet_stage_alone_reuses_run_folder_and_pretrained_vae(run_dir, tmp_path):
     out, _ = run_dir
     cfg = quickstart_config(
@@ -75,14 +80,15 @@ def test_unet_stage_without_earlier_stages_says_what_is_missing(tmp_path):
         train(quickstart_config(smoke=True), tmp_path, stages=["unet"])
 
 
+@pytest.mark.slow
 def test_quickstart_smoke_end_to_end(tmp_path, capsys):
     assert main(["quickstart", "--smoke", "--output", str(tmp_path / "qs")]) == 0
     printed = capsys.readouterr().out
     assert f"pipeline: {tmp_path / 'qs' / 'pipeline'}" in printed and "ldm generate --model" in printed
     report = json.loads((tmp_path / "qs" / "eval.json").read_text())
-    for key in ("all_correct", "color_accuracy", "shape_accuracy", "background_accuracy"):
-        assert 0.0 <= report[key] <= 1.0
-    assert report["clip_score"] is not None and report["psnr"] > 0
+    parts = [report[k] for k in ("color_accuracy", "shape_accuracy", "background_accuracy")]
+    assert 0 <= report["all_correct"] <= min(parts) and max(parts) <= 1
+    assert math.isfinite(report["clip_score"]) and 5 < report["psnr"] < 60
     assert (tmp_path / "qs" / "grid.png").is_file()
 
 
@@ -98,6 +104,7 @@ def test_train_cli_reports_bad_config(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_unet_snapshots_every_n_minutes(tmp_path, monkeypatch):
     # A clock that advances one minute per call makes every step a new training minute.
     ticks = iter(range(0, 10_000, 60))
@@ -141,7 +148,7 @@ def test_gradient_accumulation_matches_one_big_batch():
     for accumulate, batch in ((1, 4), (2, 2)):
         torch.manual_seed(0)
         model = torch.nn.Linear(3, 1)
-        accelerator = make_accelerator("auto", seed=0)
+        accelerator = make_accelerator("no", seed=0)
         cfg = StageConfig(steps=1, warmup_steps=0, learning_rate=1e-3, gradient_accumulation_steps=accumulate)
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -157,8 +164,8 @@ def test_gradient_accumulation_matches_one_big_batch():
         run_loop(accelerator, model, optimizer, loss, cfg, desc="t", ema=None)
         grads.append([b - p.detach() for b, p in zip(before, model.parameters(), strict=True)])
     for a, b in zip(*grads, strict=True):
-        # bf16 autocast (where the CPU has it) rounds each pass; a missing 1/accumulation would be 2x off.
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3)
+        # fp32: two half-batches average to the whole batch's gradient; a missing 1/accumulation would be 2x off.
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine", "constant_with_warmup", "polynomial"])
@@ -184,6 +191,7 @@ def test_fused_adamw_and_a_clear_error_without_bitsandbytes(monkeypatch):
         make_optimizer(model.parameters(), StageConfig(optimizer="adamw8bit"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
     [
