@@ -1,9 +1,10 @@
 """The training loop every stage shares: Accelerate, AdamW, LR schedule with warm-up, EMA, progress.
 
 A stage supplies ``compute_loss(step) -> dict`` (with a ``"loss"`` tensor to minimise) and,
-optionally, ``after_step(step) -> dict`` for a second optimiser (the VAE's discriminator), and a
-`QualityCheck`: a measure of the model taken every so often while it trains, with the bar at
-which the stage is done.
+optionally, ``after_step(step) -> dict`` for a second optimiser (the VAE's discriminator),
+``validation(steps_done)`` for samples of the weights as they stand (the UNet's validation
+grids), and a `QualityCheck`: a measure of the model taken every so often while it trains, with
+the bar at which the stage is done.
 """
 
 from __future__ import annotations
@@ -343,6 +344,7 @@ def run_loop(
     desc: str,
     ema: EMAModel | None = None,
     after_step: Callable[[int], dict[str, float]] | None = None,
+    validation: Callable[[int], None] | None = None,
     on_minute: Callable[[float], None] | None = None,
     checkpoints: Checkpoints | None = None,
     quality: QualityCheck | None = None,
@@ -476,6 +478,8 @@ def run_loop(
             ema.step(trainable(model))
         extra = after_step(step) if after_step is not None else {}
         step += 1
+        if validation is not None:
+            validation(step)
         if step - first_step == _PACE_FROM_STEP:
             pace_start = time.monotonic()
         if step % log_every == 0 or step == plan["steps"]:

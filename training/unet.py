@@ -312,7 +312,7 @@ def train_unet(
         c,
         desc="unet",
         ema=ema,
-        after_step=views.validation_grid,
+        validation=views.validation_grid,
         on_minute=views.snapshot,
         checkpoints=stage_checkpoints(out, "unet", c, stateful, resume),
         quality=check,

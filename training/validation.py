@@ -46,12 +46,12 @@ class EMAViews:
         with self.weights() as inner:
             inner.unet.save_pretrained(self.out / "snapshots" / f"unet-{int(minutes):03d}min")
 
-    def validation_grid(self, step: int) -> dict[str, float]:
+    def validation_grid(self, steps_done: int) -> None:
         """Every ``validation_every_steps``: the validation prompts at seeds 0..n-1, as one grid in
         ``<out>/validation/`` and in the trackers."""
         every = self.c.validation_every_steps
-        if not every or (step + 1) % every or not self.accelerator.is_main_process:
-            return {}
+        if not every or steps_done % every or not self.accelerator.is_main_process:
+            return
         prompts = list(self.c.validation_prompts)
         with self.weights() as inner, torch.no_grad():
             pipe = LatentDiffusionPipeline(self.vae, self.text_encoder, self.tokenizer, inner.unet, self.sampler)
@@ -61,9 +61,8 @@ class EMAViews:
                 images = pipe(prompts, generator=seeds).images
             inner.train()
         (self.out / "validation").mkdir(exist_ok=True)
-        image_grid(images, cols=min(4, len(images))).save(self.out / "validation" / f"unet-step{step + 1:06d}.png")
-        log_images(self.accelerator, "validation", images, step + 1)
-        return {}
+        image_grid(images, cols=min(4, len(images))).save(self.out / "validation" / f"unet-step{steps_done:06d}.png")
+        log_images(self.accelerator, "validation", images, steps_done)
 
     @contextlib.contextmanager
     def pipeline(self) -> Iterator[LatentDiffusionPipeline]:
