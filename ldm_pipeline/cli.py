@@ -285,17 +285,41 @@ def _push(args: argparse.Namespace) -> None:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="make a pipeline (or LoRA) folder from a UNet training checkpoint")
-    p.add_argument("--checkpoint", type=Path, required=True, help="<run>/checkpoints/unet/step-N")
-    p.add_argument("--output", type=Path, required=True, help="folder to write pipeline/ (or lora/) into")
-    p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA weights")
+    p = sub.add_parser(
+        "export",
+        help="a pipeline (or LoRA) folder from a UNet training checkpoint, or files other tools load",
+        description="--checkpoint: the pipeline (or LoRA) folder a finished run would write. "
+        "--format single-file --model FOLDER: one original-layout Stable Diffusion .safetensors "
+        "(AUTOMATIC1111, ComfyUI, diffusers' from_single_file). --format kohya --lora FOLDER: the LoRA "
+        "in kohya-ss' key layout (AUTOMATIC1111, ComfyUI, diffusers' load_lora_weights).",
+    )
+    p.add_argument("--format", choices=["diffusers", "single-file", "kohya"], default="diffusers")
+    p.add_argument("--checkpoint", type=Path, help="<run>/checkpoints/unet/step-N (--format diffusers)")
+    p.add_argument("--model", type=Path, help="a pipeline folder (--format single-file)")
+    p.add_argument("--lora", type=Path, help="a LoRA folder written by ldm train (--format kohya)")
+    p.add_argument("--output", type=Path, required=True, help="a folder (diffusers) or a .safetensors file")
+    p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA weights (--checkpoint)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="single-file weights' dtype")
     p.set_defaults(func=_export)
 
 
 def _export(args: argparse.Namespace) -> None:
-    from ldm_pipeline.training.export import export_checkpoint
+    needs = {"diffusers": "checkpoint", "single-file": "model", "kohya": "lora"}[args.format]
+    if getattr(args, needs) is None:
+        raise UsageError(f"ldm export --format {args.format} needs --{needs}")
+    if args.format == "single-file":
+        from .formats import save_single_file
 
-    print(f"wrote {export_checkpoint(args.checkpoint, args.output, use_ema=not args.raw)}")
+        written = save_single_file(args.model, args.output, args.dtype)
+    elif args.format == "kohya":
+        from .formats import save_kohya_lora
+
+        written = save_kohya_lora(args.lora, args.output)
+    else:
+        from ldm_pipeline.training.export import export_checkpoint
+
+        written = export_checkpoint(args.checkpoint, args.output, use_ema=not args.raw)
+    print(f"wrote {written}")
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:

@@ -173,7 +173,7 @@ def test_finetune_from_a_stock_stable_diffusion_folder(user_folder, tmp_path):
     assert _images(tuned).shape == (1, 32, 32, 3)
 
 
-@pytest.mark.parametrize("name", ["finetune.yaml", "finetune-lora.yaml"])
+@pytest.mark.parametrize("name", ["finetune.yaml", "finetune-lora.yaml", "dreambooth.yaml", "dreambooth-lora.yaml"])
 def test_example_finetune_configs_validate(name, tiny_dir, user_folder):
     from pathlib import Path
 
@@ -181,7 +181,8 @@ def test_example_finetune_configs_validate(name, tiny_dir, user_folder):
 
     path = Path(__file__).parents[1] / "configs" / name
     cfg = load_config(path, [f"pretrained={tiny_dir}", f"data.source={user_folder}"])
-    assert cfg.unet.pretrained == str(tiny_dir) and cfg.data.bucketing
+    assert cfg.unet.pretrained == str(tiny_dir)
+    assert cfg.data.bucketing or cfg.unet.dreambooth.class_prompt == "a photo of a dog"
 
 
 @pytest.mark.slow

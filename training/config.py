@@ -28,6 +28,14 @@ from ldm_pipeline.yaml_io import YAMLSyntaxError, parse_yaml, read_yaml
 from ..configs import shipped
 
 STAGES = ("vae", "clip", "unet")
+# Why an adapter type is refused (diffusers 0.42; tests/test_adapters.py re-checks it).
+UNLOADABLE_ADAPTERS = {
+    kind: "is not supported: diffusers' StableDiffusionPipeline.load_lora_weights refuses peft's "
+    f"{name} weights ({key}...: 'Invalid LoRA checkpoint. Make sure all LoRA param names contain "
+    "'lora' substring'), so the result would not load where diffusers runs; use adapter: lora "
+    "(optionally with use_dora: true)"
+    for kind, name, key in (("loha", "LoHa", "hada_w1_a"), ("lokr", "LoKr", "lokr_w1"))
+}
 # Built-in datasets whose prompts have a measured adherence (unet.eval_every, unet.target).
 ADHERENCE = ("shapes", "digits")
 
@@ -47,6 +55,9 @@ class DataConfig:
     source: str | None = None
     caption_column: str | None = None
     image_column: str | None = None
+    # A table's or dataset's column of loss masks (unet.masked_loss); in a folder, cat_mask.png
+    # beside cat.png is cat.png's mask.
+    mask_column: str | None = None
     split: str = "train"
     # Built-in: images drawn (None: 20,000 shapes, all 5,000 digits, 3,984 emoji); source: the first N rows
     # (None: all of them).
@@ -159,6 +170,26 @@ class ClipConfig(StageConfig):
 
 
 @dataclass
+class DreamBoothConfig:
+    """Subject fine-tuning from a few images (Ruiz et al. 2023, DreamBooth): every image of
+    ``data.source`` without a caption of its own is captioned ``instance_prompt``; with
+    ``class_prompt``, class images the model being tuned draws of that prompt (generated once,
+    cached, reused) are mixed into every step with the prior-preservation loss (section 3.3)."""
+
+    instance_prompt: str = ""
+    # None: no prior preservation.
+    class_prompt: str | None = None
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    # Your own class images, topped up with generated ones to num_class_images; None: generated
+    # into <data.cache_dir>/class-images-<fingerprint of the model, prompt and sampling>.
+    class_data_dir: str | None = None
+    # How the class images are sampled (the pipeline's guidance_scale default when None).
+    class_sampling_steps: int = 25
+    class_guidance_scale: float | None = None
+
+
+@dataclass
 class LoRAConfig:
     """Low-rank adapters (Hu et al. 2022, LoRA) through peft instead of training all weights."""
 
@@ -169,6 +200,12 @@ class LoRAConfig:
     # Used with unet.train_text_encoder.
     text_encoder_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
     dropout: float = 0.0
+    # DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"): a trained magnitude
+    # per output channel beside the low-rank direction; saved so that load_lora_weights reads it.
+    use_dora: bool = False
+    # "lora" only: diffusers' Stable Diffusion load_lora_weights refuses peft's LoHa and LoKr
+    # weights (UNLOADABLE_ADAPTERS; tests/test_adapters.py checks that it still does).
+    adapter: Literal["lora", "loha", "lokr"] = "lora"
 
 
 @dataclass
@@ -188,6 +225,15 @@ class UNetConfig(StageConfig):
     loss: Literal["mse", "huber"] = "mse"
     huber_delta: float = 0.1
     caption_dropout: float = 0.1
+    # Weight the loss by each image's mask (data.mask_column, or <name>_mask.png beside the
+    # image; white: trained, black: ignored), averaged to the latent grid; no mask: all trained.
+    masked_loss: bool = False
+    # Tag-style captions ("a, b, c"): shuffle the tags after the first keep_tokens, and drop each
+    # of those with probability tag_dropout (training/captions.py; varied captions are encoded in
+    # the loop, the written ones come from the cache).
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
+    tag_dropout: float = 0.0
     ema_decay: float = 0.999
     gradient_checkpointing: bool = False
     # UNet weights and inputs in channels-last layout. "auto": on CUDA only; on the CPU measured
@@ -201,6 +247,8 @@ class UNetConfig(StageConfig):
     # Train LoRA adapters (saved to <output>/lora, loadable by pipe.load_lora_weights) instead of
     # all the UNet's (and text encoder's) weights.
     lora: LoRAConfig | None = None
+    # DreamBooth: an instance prompt for your subject's images and optional prior preservation.
+    dreambooth: DreamBoothConfig | None = None
     # Save the EMA UNet every this many minutes of training (for adherence-vs-time curves).
     snapshot_every_minutes: int | None = None
     # Every this many steps, sample these prompts (fixed seeds, EMA weights) into
@@ -370,6 +418,8 @@ def check(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"unet.lora.dropout: must be in [0, 1), got {lora.dropout}")
         if not lora.target_modules:
             raise ConfigError("unet.lora.target_modules: must name at least one module")
+        if lora.adapter != "lora":
+            raise ConfigError(f"unet.lora.adapter: {lora.adapter} {UNLOADABLE_ADAPTERS[lora.adapter]}")
     for name in STAGES:
         stage = getattr(cfg, name)
         _positive(
@@ -404,6 +454,11 @@ def check(cfg: RunConfig) -> RunConfig:
     _check_targets(cfg)
     if not 0 <= cfg.unet.caption_dropout < 1:
         raise ConfigError(f"unet.caption_dropout: must be in [0, 1), got {cfg.unet.caption_dropout}")
+    _check_dreambooth(cfg)
+    if not 0 <= cfg.unet.tag_dropout < 1:
+        raise ConfigError(f"unet.tag_dropout: must be in [0, 1), got {cfg.unet.tag_dropout}")
+    if cfg.unet.keep_tokens < 0:
+        raise ConfigError(f"unet.keep_tokens: must be >= 0, got {cfg.unet.keep_tokens}")
     if cfg.push_to_hub is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.push_to_hub):
         raise ConfigError(f"push_to_hub: must be a Hub repository id USER/NAME, got {cfg.push_to_hub!r}")
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
@@ -423,6 +478,26 @@ def check(cfg: RunConfig) -> RunConfig:
     if cfg.vae.kl_weight < 0:
         raise ConfigError(f"vae.kl_weight: must be >= 0, got {cfg.vae.kl_weight}")
     return cfg
+
+
+def _check_dreambooth(cfg: RunConfig) -> None:
+    db = cfg.unet.dreambooth
+    if cfg.unet.masked_loss and cfg.data.source is None:
+        raise ConfigError("unet.masked_loss: needs data.source (masks come with your images; built-in data has none)")
+    if db is None:
+        return
+    if not db.instance_prompt.strip():
+        raise ConfigError("unet.dreambooth.instance_prompt: must name your subject, e.g. 'a photo of sks dog'")
+    if cfg.data.source is None:
+        raise ConfigError("unet.dreambooth: needs data.source, the folder of your subject's images")
+    if cfg.pretrained is None and cfg.unet.pretrained is None:
+        raise ConfigError("unet.dreambooth: fine-tunes a trained model; set pretrained (a pipeline folder or Hub id)")
+    if db.class_prompt is not None and not db.class_prompt.strip():
+        raise ConfigError("unet.dreambooth.class_prompt: empty; leave it out for no prior preservation")
+    if db.num_class_images < 1 or db.class_sampling_steps < 1:
+        raise ConfigError("unet.dreambooth: num_class_images and class_sampling_steps must be >= 1")
+    if db.prior_loss_weight < 0:
+        raise ConfigError(f"unet.dreambooth.prior_loss_weight: must be >= 0, got {db.prior_loss_weight}")
 
 
 def _holdout(d: DataConfig) -> int:

@@ -27,10 +27,12 @@ SKIP_REPORT = "skipped_images.jsonl"
 
 @dataclass
 class Pixels:
-    """Images of one shape as uint8 ``[N, 3, H, W]``, each with one or more captions."""
+    """Images of one shape as uint8 ``[N, 3, H, W]``, each with one or more captions, and with
+    masks their uint8 ``[N, 1, H, W]`` loss masks (255: trained, 0: ignored)."""
 
     images: torch.Tensor
     captions: list[list[str]]
+    masks: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.captions = [[c] if isinstance(c, str) else list(c) for c in self.captions]
@@ -158,18 +160,27 @@ def _builtin(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
 
 
 def _group(prepared_groups: dict) -> list[Pixels]:
-    return [
-        Pixels(torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous(), captions)
-        for arrays, captions in prepared_groups.values()
-    ]
+    """Prepared arrays as `Pixels`; a fourth channel is the loss mask."""
+    groups = []
+    for arrays, captions in prepared_groups.values():
+        tensor = torch.from_numpy(arrays).permute(0, 3, 1, 2)
+        masks = tensor[:, 3:].contiguous() if tensor.shape[1] == 4 else None
+        groups.append(Pixels(tensor[:, :3].contiguous(), captions, masks))
+    return groups
 
 
 def _subset(found: Scan, keep: slice) -> Scan:
-    return Scan(found.rows[keep], found.sizes[keep], found.captions[keep], [], len(found.rows[keep]))
+    return Scan(found.rows[keep], found.sizes[keep], found.captions[keep], [], len(found.rows[keep]), found.masked)
 
 
 def load_images(
-    cfg: DataConfig, step: int, min_bucket_size: int, report_dir: Path | None = None, main_process: bool = True
+    cfg: DataConfig,
+    step: int,
+    min_bucket_size: int,
+    report_dir: Path | None = None,
+    main_process: bool = True,
+    masks: bool = False,
+    default_caption: str | None = None,
 ) -> tuple[ImageSet, ImageSet]:
     """The configured data as training and held-out `ImageSet` s.
 
@@ -177,6 +188,8 @@ def load_images(
         step: bucket sides are multiples of it (VAE factor × UNet down-sampling).
         min_bucket_size: one global batch; smaller buckets are folded into their neighbours.
         report_dir: where the skip report goes (the run folder).
+        masks: load each image's loss mask (`ldm_pipeline.data.prepare.mask_cell`) into `Pixels.masks`.
+        default_caption: the caption of images that have none (DreamBooth's instance prompt).
 
     Raises:
         ValueError: no usable image, or more skipped than ``data.max_skipped_fraction`` (the
@@ -184,11 +197,11 @@ def load_images(
     """
     if cfg.source is None:
         return _builtin(cfg)
-    ds = load_source(cfg.source, cfg.caption_column, cfg.image_column, cfg.split)
+    ds = load_source(cfg.source, cfg.caption_column, cfg.image_column, cfg.split, cfg.mask_column)
     if cfg.num_samples is not None and cfg.num_samples < len(ds):
         ds = ds.select(range(cfg.num_samples))
     background = tuple(cfg.background)
-    found = scan(ds, background, cfg.max_image_pixels, progress=main_process)
+    found = scan(ds, background, cfg.max_image_pixels, main_process, masks, default_caption)
     where = ""
     if report_dir is not None and main_process:
         report_dir.mkdir(parents=True, exist_ok=True)
@@ -215,6 +228,7 @@ def load_images(
         "seed": cfg.seed,
         "background": background,
         "max_pixels": cfg.max_image_pixels,
+        "masks": masks,
     }
     train = prepare_images(
         ds, cfg.resolution, step, min_bucket_size=min_bucket_size, scanned=_subset(found, slice(0, cut)), **options

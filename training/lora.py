@@ -22,6 +22,7 @@ def add_lora(model: torch.nn.Module, lora: LoRAConfig, target_modules: list[str]
         lora_dropout=lora.dropout,
         init_lora_weights="gaussian",
         target_modules=target_modules,
+        use_dora=lora.use_dora,
     )
     model.requires_grad_(False)
     # peft's own injection: transformers' add_adapter demands a newer peft than the registry has.

@@ -94,12 +94,19 @@ def sample_timesteps(n: int, low: int, high: int, generator: torch.Generator | N
 
 
 def denoising_loss(
-    pred: torch.Tensor, target: torch.Tensor, kind: str = "mse", huber_delta: float = 0.1
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    kind: str = "mse",
+    huber_delta: float = 0.1,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample loss, averaged over all but the batch dimension.
 
     ``mse``: the squared error of DDPM. ``huber``: Huber's loss (Huber 1964), quadratic within
     ``huber_delta`` and linear beyond, so rare large errors pull less on the weights.
+    ``weights`` (broadcast to the error, e.g. a loss mask ``[N, 1, h, w]`` in [0, 1]) scale each
+    element before the average, which stays over all elements (as kohya-ss' masked loss): a
+    mostly masked image pulls less.
     """
     if kind == "mse":
         err = F.mse_loss(pred, target, reduction="none")
@@ -107,4 +114,6 @@ def denoising_loss(
         err = F.huber_loss(pred, target, reduction="none", delta=huber_delta)
     else:
         raise ValueError(f"unknown loss {kind!r}; use 'mse' or 'huber'")
+    if weights is not None:
+        err = err * weights
     return err.flatten(1).mean(1)

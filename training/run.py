@@ -167,8 +167,15 @@ def train(
     # Every micro-batch fills from one bucket: a bucket smaller than the largest micro-batch (over
     # all processes) of the stages that train here is folded into its neighbour.
     batch = max(getattr(cfg, s).batch_size // getattr(cfg, s).gradient_accumulation_steps for s in stages)
+    dreambooth = cfg.unet.dreambooth if "unet" in stages else None
     train_pixels, holdout = load_images(
-        cfg.data, geometry(cfg).bucket_step, batch, out, main_process=accelerator.is_main_process
+        cfg.data,
+        geometry(cfg).bucket_step,
+        batch,
+        out,
+        main_process=accelerator.is_main_process,
+        masks=cfg.unet.masked_loss and "unet" in stages,
+        default_caption=dreambooth.instance_prompt if dreambooth else None,
     )
     report.update({"mixed_precision": accelerator.mixed_precision, "processes": accelerator.num_processes})
     resumed_stage = next((s for s in stages if points.get(s) is not None), None)

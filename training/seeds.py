@@ -20,6 +20,9 @@ OFFSETS = {
     # The VAE's random crops; the caption drawn for each image when it has several.
     "vae.crops": 4,
     "clip.captions": 5,
+    # DreamBooth: the order of the class-image batches; class image i is drawn from this + 1000 + i.
+    "unet.class_batches": 9,
+    "dreambooth.class_images": 1000,
 }
 
 

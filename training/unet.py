@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
@@ -38,9 +39,11 @@ from ldm_pipeline.tokenizer import token_ids
 
 from .attention import use_cpu_attention
 from .cache import cached_latents, cached_texts
+from .captions import CaptionEmbedder, vary_caption
 from .checkpoint import GeneratorState
 from .config import RunConfig
-from .data import ImageSet
+from .data import Batch, ImageSet
+from .dreambooth import class_images
 from .loop import (
     check_finite,
     make_optimizer,
@@ -211,16 +214,20 @@ class Caches:
     minutes: float
 
 
-def build_caches(cfg: RunConfig, train: ImageSet, parts: tuple, out: Path, accelerator: Accelerator) -> Caches:
-    """Encode the training images (and captions) once, or read what an earlier run cached."""
+def build_caches(
+    cfg: RunConfig, train: ImageSet, parts: tuple, out: Path, accelerator: Accelerator, prior: ImageSet | None = None
+) -> Caches:
+    """Encode the training images (and captions) once, or read what an earlier run cached; with
+    ``prior`` (DreamBooth's class images) those too, after the training buckets."""
     vae, text_encoder, tokenizer = parts
+    buckets = train.buckets + (prior.buckets if prior is not None else [])
     cache_dir = cfg.data.cache_dir or out / "cache"
     start = time.monotonic()
     embeds, row_of = None, None
     with accelerator.main_process_first():  # the others then read what the main process wrote
-        latents = [cached_latents(vae, bucket, cache_dir, flip=cfg.data.random_flip) for bucket in train.buckets]
+        latents = [cached_latents(vae, bucket, cache_dir, flip=cfg.data.random_flip) for bucket in buckets]
         if not cfg.unet.train_text_encoder:
-            captions = sorted({t for bucket in train.buckets for caps in bucket.captions for t in caps})
+            captions = sorted({t for bucket in buckets for caps in bucket.captions for t in caps})
             embeds, text_index = cached_texts(text_encoder, tokenizer, captions, cache_dir)
             row_of = {"": 0, **dict(zip(captions, text_index.tolist(), strict=True))}
     return Caches(latents, embeds, row_of, (time.monotonic() - start) / 60)
@@ -234,9 +241,17 @@ class DenoisingLoss:
     any world size."""
 
     def __init__(
-        self, cfg: RunConfig, train: ImageSet, caches: Caches, parts: tuple, model, sampler, accelerator: Accelerator
+        self,
+        cfg: RunConfig,
+        train: ImageSet,
+        caches: Caches,
+        parts: tuple,
+        model,
+        sampler,
+        accelerator: Accelerator,
+        prior: ImageSet | None = None,
     ):
-        vae, _, self.tokenizer = parts
+        vae, text_encoder, self.tokenizer = parts
         self.c, self.flip, self.scale = cfg.unet, cfg.data.random_flip, vae.config.scaling_factor
         self.caches, self.model, self.device = caches, model, accelerator.device
         # Training's forward process is the saved sampler's noise schedule.
@@ -246,15 +261,39 @@ class DenoisingLoss:
             self.c.batch_size, self.c.gradient_accumulation_steps, seed_of(cfg.seed, "unet.batches"), accelerator
         )
         self.generator = torch.Generator().manual_seed(seed_of(cfg.seed, "unet.noise"))
-        self.latents_of = {id(bucket): cache for bucket, cache in zip(train.buckets, caches.latents, strict=True)}
+        buckets = train.buckets + (prior.buckets if prior is not None else [])
+        self.latents_of = {id(bucket): cache for bucket, cache in zip(buckets, caches.latents, strict=True)}
+        # DreamBooth's prior preservation: a batch of class images beside each batch of the subject's.
+        self.prior_batches = None
+        if prior is not None:
+            seed = seed_of(cfg.seed, "unet.class_batches")
+            self.prior_batches = prior.batches(self.c.batch_size, self.c.gradient_accumulation_steps, seed, accelerator)
+        self.varies = self.c.shuffle_tags or self.c.tag_dropout > 0
+        self.embed = None
+        if not self.c.train_text_encoder:
+            self.embed = CaptionEmbedder(caches.embeds, caches.row_of, text_encoder, self.tokenizer)
 
-    def __call__(self, step: int) -> dict[str, torch.Tensor]:
+    def captions(self, batch: Batch) -> list[str]:
+        """The chunk's captions as trained this step: one of each image's captions, its tags
+        varied (`vary_caption`), or "" with probability ``caption_dropout``; drawn for the whole
+        chunk (the dropout first, as before tags could vary)."""
         c, generator = self.c, self.generator
-        batch = next(self.batches)
+        keep = (torch.rand(len(batch.chunk), generator=generator) >= c.caption_dropout).tolist()
+        picked = batch.pixels.pick_captions(batch.chunk, generator)
+        if self.varies:
+            picked = [vary_caption(t, c.shuffle_tags, c.keep_tokens, c.tag_dropout, generator) for t in picked]
+        return [text if k else "" for text, k in zip(picked, keep, strict=True)]
+
+    def _noised(self, batch: Batch) -> dict[str, torch.Tensor | None]:
+        """One micro-batch's model input and regression terms: z0 drawn from the cached posterior
+        (flipped half the time with ``random_flip``), noised at uniform timesteps, its captions'
+        condition, and with ``masked_loss`` its loss masks averaged to the latent grid."""
+        c, generator = self.c, self.generator
         cache, index, part = self.latents_of[id(batch.pixels)], batch.index, batch.part
         n = len(batch.chunk)
         shape = (n, *cache["mean"].shape[1:])
         mean, std = cache["mean"][index], cache["std"][index]
+        flip = None
         if self.flip:
             flip = (torch.rand(n, generator=generator) < 0.5)[part].view(-1, 1, 1, 1)
             mean = torch.where(flip, cache["mean_flipped"][index], mean)
@@ -262,25 +301,51 @@ class DenoisingLoss:
         z0 = (mean + std * torch.randn(shape, generator=generator)[part]) * self.scale
         noise = offset_noise(torch.randn(shape, generator=generator), c.noise_offset, generator)
         t = sample_timesteps(n, *c.timestep_range, generator=generator)[part]
-        keep = (torch.rand(n, generator=generator) >= c.caption_dropout)[part]
-        picked = batch.pixels.pick_captions(batch.chunk, generator)[part]
-        texts = [text if k else "" for text, k in zip(picked, keep.tolist(), strict=True)]
-        if c.train_text_encoder:
-            cond = token_ids(self.tokenizer, texts)
-        else:
-            cond = self.caches.embeds[torch.tensor([self.caches.row_of[text] for text in texts])]
+        texts = self.captions(batch)[part]
+        cond = token_ids(self.tokenizer, texts) if c.train_text_encoder else self.embed(texts)
         noisy_input = perturbed_noise(noise, c.input_perturbation, generator)[part]
-        noise = noise[part]
-        z0, noise, noisy_input, t, cond = (v.to(self.device) for v in (z0, noise, noisy_input, t, cond))
-        zt = self.noise_scheduler.add_noise(z0, noisy_input, t)
-        if self.channels_last:
-            zt = zt.contiguous(memory_format=torch.channels_last)
-        pred = self.model(zt, t, cond).float()
-        target = prediction_target(self.noise_scheduler, z0, noise, t, c.prediction_type)
-        per_sample = denoising_loss(pred, target, c.loss, c.huber_delta)
-        if c.min_snr_gamma is not None:
-            per_sample = per_sample * min_snr_weights(self.noise_scheduler, t, c.min_snr_gamma, c.prediction_type)
-        return {"loss": per_sample.mean()}
+        mask = None
+        if c.masked_loss and batch.pixels.masks is not None:
+            mask = batch.pixels.masks[index].float() / 255
+            if flip is not None:
+                mask = torch.where(flip, mask.flip(-1), mask)
+            mask = F.interpolate(mask, size=z0.shape[-2:], mode="area")
+        terms = {"z0": z0, "noise": noise[part], "noisy_input": noisy_input, "t": t, "cond": cond, "mask": mask}
+        return {k: v if v is None else v.to(self.device) for k, v in terms.items()}
+
+    def _per_sample(self, parts: list[dict]) -> list[torch.Tensor]:
+        """Each part's per-sample losses; parts of one latent shape share one forward pass."""
+        c = self.c
+        if len(parts) > 1 and len({p["z0"].shape[1:] for p in parts}) == 1 and not c.train_text_encoder:
+            sizes = [len(p["t"]) for p in parts]
+            keys = ("z0", "noise", "noisy_input", "t", "cond")
+            joined = {k: torch.cat([p[k] for p in parts]) for k in keys}
+            masks = [p["mask"] if p["mask"] is not None else torch.ones_like(p["z0"][:, :1]) for p in parts]
+            joined["mask"] = torch.cat(masks) if any(p["mask"] is not None for p in parts) else None
+            return list(self._per_sample([joined])[0].split(sizes))
+        losses = []
+        for p in parts:
+            zt = self.noise_scheduler.add_noise(p["z0"], p["noisy_input"], p["t"])
+            if self.channels_last:
+                zt = zt.contiguous(memory_format=torch.channels_last)
+            pred = self.model(zt, p["t"], p["cond"]).float()
+            target = prediction_target(self.noise_scheduler, p["z0"], p["noise"], p["t"], c.prediction_type)
+            per_sample = denoising_loss(pred, target, c.loss, c.huber_delta, p["mask"])
+            if c.min_snr_gamma is not None:
+                per_sample = per_sample * min_snr_weights(
+                    self.noise_scheduler, p["t"], c.min_snr_gamma, c.prediction_type
+                )
+            losses.append(per_sample)
+        return losses
+
+    def __call__(self, step: int) -> dict[str, torch.Tensor]:
+        parts = [self._noised(next(self.batches))]
+        if self.prior_batches is None:
+            return {"loss": self._per_sample(parts)[0].mean()}
+        parts.append(self._noised(next(self.prior_batches)))
+        instance, prior = (losses.mean() for losses in self._per_sample(parts))
+        weight = self.c.dreambooth.prior_loss_weight
+        return {"loss": instance + weight * prior, "instance_loss": instance, "prior_loss": prior}
 
 
 def train_unet(
@@ -290,20 +355,31 @@ def train_unet(
     c = cfg.unet
     vae, text_encoder, tokenizer = frozen_parts(cfg, out)
     parts = (vae.to(accelerator.device), text_encoder.to(accelerator.device), tokenizer)
-    caches = build_caches(cfg, train, parts, out, accelerator)
-    model = trained_modules(cfg, text_encoder)
     sampler = sampling_scheduler(cfg)
+    prior = None
+    if c.dreambooth is not None and c.dreambooth.class_prompt is not None:
+        prior = class_images(cfg, parts, sampler, out, accelerator)
+        if accelerator.is_main_process:
+            print(
+                f"dreambooth: {prior.images.summary} in {prior.folder} ({prior.generated} drawn, {prior.reused} reused)"
+            )
+    caches = build_caches(cfg, train, parts, out, accelerator, prior.images if prior else None)
+    model = trained_modules(cfg, text_encoder)
     # foreach: one fused update over all parameters instead of three ops and a Python check per parameter.
     ema = EMAModel(trainable(model), decay=c.ema_decay, foreach=True)
     optimizer = make_optimizer(trainable(model), c)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
-    loss = DenoisingLoss(cfg, train, caches, parts, model, sampler, accelerator)
+    loss = DenoisingLoss(cfg, train, caches, parts, model, sampler, accelerator, prior.images if prior else None)
     views = EMAViews(model, ema, accelerator, parts, sampler, c, out)
+    if c.pretrained:
+        views.remember_base()
     check = None
     if c.eval_every:
         check = adherence_check(cfg.data.name, views.pipeline, c.quality_prompts, c.eval_every, c.target, c.decay_at)
     stateful = {"batches": loss.batches, "generator": GeneratorState(loss.generator)}
+    if loss.prior_batches is not None:
+        stateful["class_batches"] = loss.prior_batches
     result = run_loop(
         accelerator,
         model,
@@ -331,6 +407,13 @@ def train_unet(
         "buckets": {f"{w}x{h}": len(b) for (h, w), b in zip(train.shapes, train.buckets, strict=True)},
         **result.quality_report(check),
     }
+    if loss.embed is not None and loss.varies:
+        metrics["captions_encoded_in_loop"] = loss.embed.encoded
+    if prior is not None:
+        last = next((e for e in reversed(result.losses) if "prior_loss" in e), {})
+        metrics["class_images"] = prior.report()
+        metrics["final_prior_loss"] = last.get("prior_loss")
+        metrics["final_instance_loss"] = last.get("instance_loss")
     if accelerator.is_main_process:
         written = save_outputs(out, cfg, *parts, inner, sampler)
         metrics["lora" if cfg.unet.lora is not None else "pipeline"] = str(written)

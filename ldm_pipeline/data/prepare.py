@@ -16,11 +16,12 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .buckets import Bucket, fit_to_bucket, make_buckets, nearest_bucket
 from .decode import DEFAULT_MAX_PIXELS, SkippedImage, decode_image
-from .sources import captions_of, describe
+from .sources import captions_of, describe, mask_beside
 
 NO_CAPTION = "no caption (empty, no .txt file, or not listed in the metadata file)"
 
@@ -42,13 +43,18 @@ class Scan:
     captions: list[list[str]] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     total: int = 0
+    # With masks: how many usable images have a loss mask (the rest train on the whole image).
+    masked: int = 0
 
     def summary(self) -> str:
         """One line: how many rows are usable and why the others are not."""
         reasons = Counter(s.reason.split(":")[0] for s in self.skipped)
         why = ", ".join(f"{n} {r}" for r, n in reasons.most_common())
-        return f"{len(self.rows)} of {self.total} images usable, {len(self.skipped)} skipped" + (
-            f" ({why})" if why else ""
+        masks = f"; {self.masked} with a loss mask" if self.masked else ""
+        return (
+            f"{len(self.rows)} of {self.total} images usable, {len(self.skipped)} skipped"
+            + (f" ({why})" if why else "")
+            + masks
         )
 
     def write_report(self, path: str | Path) -> None:
@@ -57,31 +63,70 @@ class Scan:
         Path(path).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
+def mask_cell(item: dict) -> str | dict | None:
+    """A row's loss mask: its ``mask`` cell (a named column), else ``<stem>_mask.png`` beside its image."""
+    if item.get("mask"):
+        return item["mask"]
+    image = item["image"]
+    return mask_beside(image.get("path") if isinstance(image, dict) else image)
+
+
+def decode_mask(
+    cell: str | dict, size: tuple[int, int], background: tuple[int, int, int], max_pixels: int
+) -> Image.Image:
+    """A loss mask as 8-bit greyscale at the image's ``size`` (white: trained, black: ignored).
+
+    Raises:
+        SkippedImage: the mask cannot be decoded, or its aspect ratio is not the image's.
+    """
+    try:
+        mask = decode_image(cell, background, max_pixels).convert("L")
+    except SkippedImage as err:
+        raise SkippedImage(f"unusable loss mask: {err.reason}") from err
+    if mask.size != size:
+        (w, h), (mw, mh) = size, mask.size
+        if abs(mw * h - w * mh) > 0.01 * w * mh:
+            raise SkippedImage(f"loss mask is {mw}x{mh}, the image {w}x{h} (another aspect ratio)")
+        mask = mask.resize(size, Image.Resampling.BILINEAR)
+    return mask
+
+
 def scan(
     ds: datasets.Dataset,
     background: tuple[int, int, int] = (255, 255, 255),
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
+    masks: bool = False,
+    default_caption: str | None = None,
 ) -> Scan:
-    """Decode every row of a `load_source` dataset; keep sizes of the usable ones."""
+    """Decode every row of a `load_source` dataset; keep sizes of the usable ones.
+
+    Args:
+        masks: also decode each row's loss mask (`mask_cell`); a broken mask skips its row.
+        default_caption: the caption of rows that have none (DreamBooth's instance prompt).
+    """
     result = Scan(total=len(ds))
     for row, item in enumerate(tqdm(ds, desc="decode images", disable=not progress, leave=False)):
         name = describe(item["image"], row)
         if item.get("skip"):
             result.skipped.append(Skipped(name, item["skip"]))
             continue
-        captions = captions_of(item["text"])
+        captions = captions_of(item["text"]) or captions_of(default_caption)
         if not captions:
             result.skipped.append(Skipped(name, NO_CAPTION))
             continue
         try:
             image = decode_image(item["image"], background, max_pixels)
+            cell = mask_cell(item) if masks else None
+            if cell is not None:
+                decode_mask(cell, image.size, background, max_pixels)
         except SkippedImage as err:
             result.skipped.append(Skipped(name, err.reason))
             continue
         result.rows.append(row)
         result.sizes.append(image.size)
         result.captions.append(captions)
+        result.masked += cell is not None
     return result
 
 
@@ -101,7 +146,8 @@ def assign_buckets(sizes: list[tuple[int, int]], buckets: list[Bucket], min_coun
 
 @dataclass
 class Prepared:
-    """Training images grouped by bucket: uint8 ``[N, H, W, 3]`` arrays and their captions."""
+    """Training images grouped by bucket: uint8 ``[N, H, W, 3]`` arrays (``[N, H, W, 4]`` with
+    masks: the loss mask is the fourth channel) and their captions."""
 
     groups: dict[Bucket, tuple[np.ndarray, list[list[str]]]]
     scan: Scan
@@ -120,6 +166,7 @@ def prepare_images(
     background: tuple[int, int, int] = (255, 255, 255),
     max_pixels: int = DEFAULT_MAX_PIXELS,
     scanned: Scan | None = None,
+    masks: bool = False,
 ) -> Prepared:
     """Decode, bucket (or square-crop, without ``bucketing``), resize and crop every usable image.
 
@@ -129,16 +176,26 @@ def prepare_images(
         step: bucket sides are multiples of it (the VAE factor times the UNet's down-sampling).
         min_bucket_size: buckets smaller than this (one global batch) are folded into neighbours.
         crop: "center" or "random" (random offsets drawn once per image from ``seed``).
+        masks: add each image's loss mask as a fourth channel, resized and cropped as its image
+            (all 255 where an image has none).
     """
-    found = scanned or scan(ds, background, max_pixels)
+    found = scanned or scan(ds, background, max_pixels, masks=masks)
     buckets = make_buckets(resolution, step, max_aspect) if bucketing else [(resolution, resolution)]
     chosen = assign_buckets(found.sizes, buckets, min_bucket_size)
     rng = random.Random(seed)
     arrays: dict[Bucket, list[np.ndarray]] = {}
     texts: dict[Bucket, list[list[str]]] = {}
     for row, bucket, captions in zip(found.rows, chosen, found.captions, strict=True):
-        image = decode_image(ds[row]["image"], background, max_pixels)
-        arrays.setdefault(bucket, []).append(fit_to_bucket(image, bucket, crop, rng))
+        item = ds[row]
+        image = decode_image(item["image"], background, max_pixels)
+        same_crop = random.Random()
+        same_crop.setstate(rng.getstate())
+        array = fit_to_bucket(image, bucket, crop, rng)
+        if masks:
+            cell = mask_cell(item)
+            mask = decode_mask(cell, image.size, background, max_pixels) if cell else Image.new("L", image.size, 255)
+            array = np.concatenate([array, fit_to_bucket(mask, bucket, crop, same_crop)[..., None]], axis=-1)
+        arrays.setdefault(bucket, []).append(array)
         texts.setdefault(bucket, []).append(captions)
     groups = {b: (np.stack(arrays[b]), texts[b]) for b in sorted(arrays)}
     return Prepared(groups, found)

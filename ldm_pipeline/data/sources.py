@@ -32,6 +32,8 @@ METADATA_SUFFIXES = (".jsonl", ".csv", ".parquet")
 # Column names tried, in order, when the user names none.
 IMAGE_COLUMNS = ("image", "file_name", "image_path", "path", "file")
 CAPTION_COLUMNS = ("text", "caption", "prompt")
+# A loss mask beside its image: "cat.png" + "cat_mask.png" (white: trained, black: ignored).
+MASK_SUFFIX = "_mask"
 
 
 class SourceError(InputError):
@@ -54,28 +56,34 @@ def _with_skip_column(ds: datasets.Dataset) -> datasets.Dataset:
 
 
 def _normalise(
-    ds: datasets.Dataset, image_column: str | None, caption_column: str | None, source: str
+    ds: datasets.Dataset, image_column: str | None, caption_column: str | None, source: str, mask_column: str | None
 ) -> datasets.Dataset:
-    """Keep a ``datasets`` dataset's image and caption columns as ``image`` (undecoded) and ``text``."""
+    """Keep a ``datasets`` dataset's image and caption columns as ``image`` (undecoded) and ``text``
+    (and a named mask column as ``mask``, undecoded)."""
     image = _pick(ds.column_names, image_column, IMAGE_COLUMNS, "image", source)
     text = _pick(ds.column_names, caption_column, CAPTION_COLUMNS, "caption", source)
-    ds = ds.select_columns([image, text]) if image != text else ds.select_columns([image])
+    mask = _pick(ds.column_names, mask_column, (), "mask", source) if mask_column else None
+    ds = ds.select_columns(list(dict.fromkeys(c for c in (image, text, mask) if c)))
     ds = ds.cast_column(image, datasets.Image(decode=False))
-    ds = ds.rename_columns({k: v for k, v in ((image, "image"), (text, "text")) if k != v})
-    return _with_skip_column(ds.select_columns(["image", "text"]))
+    if mask:
+        ds = ds.cast_column(mask, datasets.Image(decode=False))
+    names = {image: "image", text: "text", **({mask: "mask"} if mask else {})}
+    ds = ds.rename_columns({k: v for k, v in names.items() if k != v})
+    return _with_skip_column(ds.select_columns(["image", "text", *(["mask"] if mask else [])]))
 
 
-def _rows(images: list, texts: list, skips: list[str | None]) -> datasets.Dataset:
+def _rows(images: list, texts: list, skips: list[str | None], masks: list | None = None) -> datasets.Dataset:
     """Rows read here as a dataset; ``text`` holds strings, or lists of them if any row has several."""
     several = any(isinstance(t, list) for t in texts)
     if several:
         texts = [t if t is None or isinstance(t, list) else [t] for t in texts]
     texts = [None if t is None else [str(c) for c in t] if isinstance(t, list) else str(t) for t in texts]
     caption = datasets.Sequence(datasets.Value("string")) if several else datasets.Value("string")
-    features = datasets.Features(
-        {"image": datasets.Image(decode=False), "text": caption, "skip": datasets.Value("string")}
-    )
-    return datasets.Dataset.from_dict({"image": images, "text": texts, "skip": skips}, features=features)
+    columns = {"image": images, "text": texts, "skip": skips}
+    features = {"image": datasets.Image(decode=False), "text": caption, "skip": datasets.Value("string")}
+    if masks is not None:
+        columns["mask"], features["mask"] = masks, datasets.Image(decode=False)
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -96,8 +104,15 @@ def _image_cell(value: object, base: Path, within: Path | None) -> tuple[object,
     return str(path), None
 
 
-def _table(table: Path, image_column: str | None, caption_column: str | None, within: Path | None) -> datasets.Dataset:
-    """A CSV / JSONL / JSON / Parquet table of image paths, relative to its folder, and captions.
+def _table(
+    table: Path,
+    image_column: str | None,
+    caption_column: str | None,
+    within: Path | None,
+    mask_column: str | None = None,
+) -> datasets.Dataset:
+    """A CSV / JSONL / JSON / Parquet table of image paths, relative to its folder, and captions
+    (and, with ``mask_column``, loss-mask paths: an empty cell means no mask).
 
     Args:
         within: where every image must lie (a data folder's own metadata file), or None.
@@ -110,14 +125,21 @@ def _table(table: Path, image_column: str | None, caption_column: str | None, wi
         raise SourceError(f"{table}: no rows")
     image = _pick(columns, image_column, IMAGE_COLUMNS, "image", str(table))
     text = _pick(columns, caption_column, CAPTION_COLUMNS, "caption", str(table))
-    images, texts, skips = [], [], []
+    if mask_column:
+        _pick(columns, mask_column, (), "mask", str(table))
+    images, texts, skips, masks = [], [], [], []
     for row in rows:
         cell, problem = _image_cell(row.cells.get(image), table.parent, within) if not row.problem else (None, None)
+        mask = None
+        if mask_column and not row.problem and not problem and row.cells.get(mask_column):
+            mask, problem = _image_cell(row.cells[mask_column], table.parent, within)
+            problem = problem and f"mask: {problem}"
         problem = row.problem or problem
         images.append(cell)
+        masks.append(mask)
         texts.append(None if problem else row.cells.get(text))
         skips.append(f"{problem} ({row.where})" if problem else None)
-    return _rows(images, texts, skips)
+    return _rows(images, texts, skips, masks if mask_column else None)
 
 
 def _caption_file(path: Path) -> tuple[str | None, str | None]:
@@ -135,9 +157,32 @@ def _caption_file(path: Path) -> tuple[str | None, str | None]:
         return None, f"caption file not UTF-8: {caption.name} (byte {data[err.start]:#04x} at {err.start})"
 
 
+def is_paired_mask(path: Path) -> bool:
+    """Whether ``path`` is the loss mask of an image beside it (``cat_mask.png`` next to ``cat.*``)."""
+    if not path.stem.endswith(MASK_SUFFIX):
+        return False
+    stem = path.stem[: -len(MASK_SUFFIX)]
+    return any(path.with_name(stem + ext).is_file() for ext in IMAGE_EXTENSIONS)
+
+
+def mask_beside(image: str | None) -> str | None:
+    """The same-name ``<stem>_mask.png`` beside an image file, if there is one."""
+    if not image:
+        return None
+    path = Path(image)
+    mask = path.with_name(path.stem + MASK_SUFFIX + ".png")
+    return str(mask) if mask.is_file() else None
+
+
+def _folder_images(folder: Path) -> list[Path]:
+    """The image files under ``folder`` (recursive), without the loss masks paired with them."""
+    found = (p for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return [p for p in found if not is_paired_mask(p)]
+
+
 def _text_folder(folder: Path) -> datasets.Dataset:
     """Images with a same-name .txt caption beside each (recursive); missing captions are None."""
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    images = _folder_images(folder)
     if not images:
         raise SourceError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) and no metadata file")
     texts, skips = zip(*(_caption_file(p) for p in images), strict=True)
@@ -148,12 +193,13 @@ def _with_unlisted(ds: datasets.Dataset, folder: Path) -> datasets.Dataset:
     """Images in the folder that the metadata file does not list, added with no caption, so that
     the skip report names them instead of leaving them out unseen."""
     listed = {str(Path(cell["path"]).resolve()) for cell in ds["image"] if cell and cell.get("path")}
-    images = (p for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS)
-    unlisted = [str(p) for p in images if str(p.resolve()) not in listed]
+    unlisted = [str(p) for p in _folder_images(folder) if str(p.resolve()) not in listed]
     if not unlisted:
         return ds
     nothing = [None] * len(unlisted)
-    extra = datasets.Dataset.from_dict({"image": unlisted, "text": nothing, "skip": nothing}, features=ds.features)
+    columns = {column: nothing for column in ds.features}
+    columns["image"] = unlisted
+    extra = datasets.Dataset.from_dict(columns, features=ds.features)
     return datasets.concatenate_datasets([ds, extra])
 
 
@@ -170,6 +216,7 @@ def load_source(
     caption_column: str | None = None,
     image_column: str | None = None,
     split: str = "train",
+    mask_column: str | None = None,
 ) -> datasets.Dataset:
     """Load any supported source as a ``Dataset`` with ``image`` (undecoded), ``text`` and ``skip`` columns.
 
@@ -178,6 +225,8 @@ def load_source(
         caption_column: the caption column (default: the first of text, caption, prompt).
         image_column: the image column of a table or Hub dataset (default: image, file_name, ...).
         split: the split of a Hub dataset or of a saved ``DatasetDict``.
+        mask_column: a table's or dataset's column of loss masks, kept as ``mask`` (undecoded);
+            folders need none: a same-name ``<stem>_mask.png`` is found at use (`mask_beside`).
 
     Raises:
         SourceError: the source is missing, empty or lacks an image or caption column.
@@ -190,15 +239,18 @@ def load_source(
                 ds = _split(datasets.load_from_disk(str(path)), split, name)
             except (OSError, ValueError, KeyError) as err:
                 raise SourceError(f"{name}: a broken save_to_disk folder: {err}") from err
-            return _normalise(ds, image_column, caption_column, name)
+            return _normalise(ds, image_column, caption_column, name, mask_column)
         metadata = [path / f"metadata{ext}" for ext in METADATA_SUFFIXES if (path / f"metadata{ext}").is_file()]
         if metadata:
-            return _with_unlisted(_table(metadata[0], image_column, caption_column, within=path), path)
+            table = _table(metadata[0], image_column, caption_column, within=path, mask_column=mask_column)
+            return _with_unlisted(table, path)
+        if mask_column:
+            raise SourceError(f"{name}: data.mask_column needs a table or dataset (a folder's masks: <name>_mask.png)")
         return _text_folder(path)
     if path.is_file():
         if path.suffix.lower() not in TABLE_SUFFIXES:
             raise SourceError(f"{name}: a file source must be one of {list(TABLE_SUFFIXES)}")
-        return _table(path, image_column, caption_column, within=None)
+        return _table(path, image_column, caption_column, within=None, mask_column=mask_column)
     # Not a file or folder here: a Hub id ("name" or "owner/name") or a mistyped path.
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
         raise SourceError(f"data source not found: {name}")
@@ -206,7 +258,7 @@ def load_source(
         ds = datasets.load_dataset(name, split=split)
     except (FileNotFoundError, ConnectionError, ValueError) as err:
         raise SourceError(f"could not load the Hub dataset {name!r}: {str(err).splitlines()[0]}") from err
-    return _normalise(ds, image_column, caption_column, name)
+    return _normalise(ds, image_column, caption_column, name, mask_column)
 
 
 def captions_of(value: str | list | None) -> list[str]:
