@@ -97,12 +97,18 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("runs/bench-dreambooth"))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--caption-dropout", type=float, default=0.0)
     parser.add_argument("--out", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     torch.manual_seed(0)
     source = subject_folder(args.output / "subject")
     assert all(is_ring(Image.open(p)) for p in source.glob("*.png")), "the detector must read the subject"
-    results: dict = {"model": str(args.model), "steps": args.steps, "learning_rate": args.learning_rate}
+    results: dict = {
+        "model": str(args.model),
+        "steps": args.steps,
+        "learning_rate": args.learning_rate,
+        "caption_dropout": args.caption_dropout,
+    }
     results["base"] = measure(args.model)
     print("base", results["base"])
     for name, class_prompt in (("prior_preservation", CLASS), ("no_prior", None)):
@@ -118,7 +124,7 @@ def main() -> None:
                     "batch_size": 4,
                     "learning_rate": args.learning_rate,
                     "warmup_steps": 0,
-                    "caption_dropout": 0.0,
+                    "caption_dropout": args.caption_dropout,
                     "checkpoint_every": None,
                     "dreambooth": dreambooth,
                 },
