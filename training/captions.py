@@ -71,6 +71,7 @@ class CaptionEmbedder:
     @torch.no_grad()
     def __call__(self, texts: list[str]) -> torch.Tensor:
         missing = sorted({t for t in texts if t not in self.row_of and t not in self.memo})
+        now: dict[str, torch.Tensor] = {}  # this call's encodings, whatever the memo keeps
         if missing:
             ids = token_ids(self.tokenizer, missing).to(self.text_encoder.device)
             fresh = self.text_encoder(ids)[0].float().cpu()
@@ -80,7 +81,5 @@ class CaptionEmbedder:
                 if len(self.memo) >= self.memo_size:
                     self.memo.pop(next(iter(self.memo)))
                 self.memo[text] = embed
-        else:
-            now = {}
         rows = [self.embeds[self.row_of[t]] if t in self.row_of else now.get(t, self.memo.get(t)) for t in texts]
         return torch.stack(rows)

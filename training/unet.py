@@ -253,7 +253,7 @@ class DenoisingLoss:
     ):
         vae, text_encoder, self.tokenizer = parts
         self.c, self.flip, self.scale = cfg.unet, cfg.data.random_flip, vae.config.scaling_factor
-        self.caches, self.model, self.device = caches, model, accelerator.device
+        self.model, self.device = model, accelerator.device
         # Training's forward process is the saved sampler's noise schedule.
         self.noise_scheduler = DDPMScheduler.from_config(sampler.config)
         self.channels_last = uses_channels_last(self.c.memory_format)
