@@ -145,7 +145,10 @@ class LatentDiffusionPipeline(
             image_encoder=image_encoder,
             feature_extractor=feature_extractor,
         )
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        # A pipeline may hold only its text parts (e.g. to cache prompt embeddings with encode_prompt);
+        # stock assumes its VAE's factor of 8 then.
+        vae_depth = len(self.vae.config.block_out_channels) if getattr(self, "vae", None) is not None else 4
+        self.vae_scale_factor = 2 ** (vae_depth - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self._unet_traces = UNetTraces()
         self._unet_tracing = True
@@ -320,6 +323,11 @@ class LatentDiffusionPipeline(
         return ids
 
     def _encode_text(self, prompts: list[str], device: torch.device, clip_skip: int | None) -> torch.Tensor:
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError(
+                "this pipeline has no text encoder or tokenizer: pass prompt_embeds (and negative_prompt_embeds "
+                "when guidance_scale > 1) instead of prompts"
+            )
         prompts = self.maybe_convert_prompt(prompts, self.tokenizer)  # textual inversion's multi-vector tokens
         ids = self._tokenize(prompts).to(device)
         if clip_skip is None:
@@ -354,10 +362,12 @@ class LatentDiffusionPipeline(
         """
         if lora_scale is not None:
             self._lora_scale = lora_scale
-            if USE_PEFT_BACKEND:
+            if USE_PEFT_BACKEND and self.text_encoder is not None:
                 scale_lora_layers(self.text_encoder, lora_scale)
         try:
-            dtype = self.text_encoder.dtype
+            # As stock: a pipeline without its text encoder (given prompt_embeds) keeps the UNet's dtype.
+            parts = [part for part in (self.text_encoder, self.unet) if part is not None]
+            dtype = parts[0].dtype if parts else prompt_embeds.dtype
             if prompt_embeds is None:
                 prompt_embeds = self._encode_text([prompt] if isinstance(prompt, str) else prompt, device, clip_skip)
             prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
@@ -368,12 +378,13 @@ class LatentDiffusionPipeline(
                 # Without clip_skip, as stock: the unconditional branch is the last layer's output.
                 negative_prompt_embeds = self._encode_text(negatives, device, None)
         finally:
-            if lora_scale is not None and USE_PEFT_BACKEND:
+            if lora_scale is not None and USE_PEFT_BACKEND and self.text_encoder is not None:
                 unscale_lora_layers(self.text_encoder, lora_scale)
         if do_classifier_free_guidance:
             negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
             negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
-        return prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0), negative_prompt_embeds
+        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        return prompt_embeds, negative_prompt_embeds
 
     def prepare_latents(
         self,

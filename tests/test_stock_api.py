@@ -73,6 +73,31 @@ def test_encode_prompt_equals_stocks(tiny_dir):
     assert ours.encode_prompt(PROMPT, torch.device("cpu"), 1, False)[1] is None
 
 
+def test_embeddings_from_a_text_only_pipeline_drive_one_without_text_parts(tiny_dir):
+    """Cache embeddings with the text parts alone, sample without them: the images of the whole pipeline."""
+    ours, _ = _both(tiny_dir)
+    parts = {name: getattr(ours, name) for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    text_only = LatentDiffusionPipeline(**{k: v if "text" in k or "token" in k else None for k, v in parts.items()})
+    assert text_only.vae_scale_factor == 8  # stock's assumption without a VAE
+    embeds, negative = text_only.encode_prompt(PROMPT, torch.device("cpu"), 1, True)
+    no_text = LatentDiffusionPipeline(**{k: None if "text" in k or "token" in k else v for k, v in parts.items()})
+    no_text.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    images = no_text(
+        prompt_embeds=embeds,
+        negative_prompt_embeds=negative,
+        num_inference_steps=3,
+        guidance_scale=2.5,
+        generator=generator,
+        output_type="np",
+    ).images
+    np.testing.assert_allclose(images, _run(ours), atol=1e-6)
+    with pytest.raises(ValueError, match="no text encoder"):
+        no_text(PROMPT, num_inference_steps=1)
+    with pytest.raises(ValueError, match="no text encoder"):  # guidance needs negative embeddings too
+        no_text(prompt_embeds=embeds, num_inference_steps=1, guidance_scale=2.5)
+
+
 def test_clip_skip_conditions_on_an_earlier_layer(tiny_dir):
     ours, _ = _both(tiny_dir)
     embeds, _ = ours.encode_prompt(PROMPT, torch.device("cpu"), 1, False, clip_skip=1)
