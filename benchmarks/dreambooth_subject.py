@@ -33,11 +33,17 @@ from ldm_pipeline.training.run import train
 from PIL import Image, ImageDraw
 
 from ldm_pipeline import LatentDiffusionPipeline
-from ldm_pipeline.data.shapes import BACKGROUNDS, COLORS
+from ldm_pipeline.data.shapes import BACKGROUNDS, COLORS, SHAPES, TEMPLATES, caption
 from ldm_pipeline.evaluation import evaluate, generate
 
 INSTANCE = "a purple sks circle on a white background"
 CLASS = "a purple circle on a white background"
+
+
+def grammar_prompts() -> list[str]:
+    """Every shape x colour x background of the built-in data, the wordings in turn (54 prompts)."""
+    combos = [(s, c, b) for s in SHAPES for c in COLORS for b in BACKGROUNDS]
+    return [caption(s, c, b, i % len(TEMPLATES)) for i, (s, c, b) in enumerate(combos)]
 
 
 def draw_ring(size: int, x: int, y: int, resolution: int = 32, scale: int = 4) -> Image.Image:
@@ -79,8 +85,10 @@ def ring_rate(pipe: LatentDiffusionPipeline, prompt: str, count: int = 64) -> fl
     return float(np.mean([is_ring(im) for im in images]))
 
 
-def measure(folder: Path) -> dict:
+def measure(folder: Path, lora: Path | None = None) -> dict:
     pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora))
     pipe.set_progress_bar_config(disable=True)
     scores, _ = evaluate(pipe, "shapes", num_samples=200, seed=0)
     return {
@@ -98,6 +106,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--caption-dropout", type=float, default=0.0)
+    parser.add_argument(
+        "--class-prompts",
+        choices=["one", "grammar"],
+        default="one",
+        help="prior preservation on the class prompt alone (the paper's), or on every prompt of the "
+        "built-in grammar, the class prompt first (54: what the model should keep)",
+    )
+    parser.add_argument("--num-class-images", type=int, default=100)
+    parser.add_argument("--lora-rank", type=int, default=None, help="train a LoRA of this rank, not all weights")
     parser.add_argument("--out", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -108,11 +125,19 @@ def main() -> None:
         "steps": args.steps,
         "learning_rate": args.learning_rate,
         "caption_dropout": args.caption_dropout,
+        "class_prompts": args.class_prompts,
+        "num_class_images": args.num_class_images,
+        "lora_rank": args.lora_rank,
     }
     results["base"] = measure(args.model)
     print("base", results["base"])
-    for name, class_prompt in (("prior_preservation", CLASS), ("no_prior", None)):
-        dreambooth = {"instance_prompt": INSTANCE, "class_prompt": class_prompt, "num_class_images": 100}
+    prior = CLASS if args.class_prompts == "one" else [CLASS] + [p for p in grammar_prompts() if p != CLASS]
+    for name, class_prompt in (("prior_preservation", prior), ("no_prior", None)):
+        dreambooth = {
+            "instance_prompt": INSTANCE,
+            "class_prompt": class_prompt,
+            "num_class_images": args.num_class_images,
+        }
         cfg = config_from_dict(
             {
                 "pretrained": str(args.model),
@@ -127,6 +152,7 @@ def main() -> None:
                     "caption_dropout": args.caption_dropout,
                     "checkpoint_every": None,
                     "dreambooth": dreambooth,
+                    "lora": {"rank": args.lora_rank} if args.lora_rank else None,
                 },
             }
         )
@@ -136,7 +162,7 @@ def main() -> None:
             "train_minutes": round((time.monotonic() - start) / 60, 2),
             "class_images": report.get("class_images"),
             "final_prior_loss": report.get("final_prior_loss"),
-            **measure(args.output / name / "pipeline"),
+            **(measure(args.model, report["lora"]) if args.lora_rank else measure(args.output / name / "pipeline")),
         }
         print(name, results[name])
     text = json.dumps(results, indent=2)

@@ -80,6 +80,27 @@ def test_own_class_images_are_topped_up_and_a_broken_one_is_reported(tiny_dir, t
     assert len(drawn["unreadable"]) == 1 and "broken.png" in drawn["unreadable"][0]
 
 
+def test_class_images_of_several_prompts_are_drawn_in_turn_and_captioned_by_their_own(tiny_dir, tmp_path):
+    from ldm_pipeline.training.dreambooth import class_images
+
+    own = _subject(tmp_path / "class", n=2, captions=["a photo of a stripe", ""])
+    prompts = ["a photo of a circle", "a photo of a square"]
+    db = {**DB, "class_prompt": prompts, "num_class_images": 5, "class_sampling_steps": 1, "class_data_dir": str(own)}
+    cfg = _config(tiny_dir, _subject(tmp_path / "subject"), tmp_path / "cache", dreambooth=db)
+    parts = frozen_parts(cfg, tmp_path / "run")
+    drawn = class_images(cfg, parts, sampling_scheduler(cfg), tmp_path / "run", Accelerator(cpu=True))
+    assert (drawn.generated, drawn.reused) == (3, 2)
+    (pixels,) = drawn.images.buckets
+    # Own images: their .txt, else the first class prompt; drawn image k: prompt k mod 2, written beside it.
+    expected = [prompts[0], prompts[1], prompts[0], "a photo of a stripe", prompts[0]]
+    assert [c for (c,) in pixels.captions] == expected
+    written = {p.stem: p.read_text().strip() for p in own.glob("class-*.txt")}
+    assert written == {"class-00000": prompts[0], "class-00001": prompts[1], "class-00002": prompts[0]}
+    assert not list(own.glob(".*tmp*"))
+    again = class_images(cfg, parts, sampling_scheduler(cfg), tmp_path / "run", Accelerator(cpu=True))
+    assert (again.generated, again.reused) == (0, 5) and again.images.buckets[0].captions == pixels.captions
+
+
 def test_dreambooth_config_errors_name_the_key(tmp_path):
     base = {"pretrained": "x", "data": {"source": "y"}}
     cases = [
@@ -88,6 +109,12 @@ def test_dreambooth_config_errors_name_the_key(tmp_path):
         ({"pretrained": "x", "unet": {"dreambooth": {"instance_prompt": "sks"}}}, "needs data.source"),
         ({**base, "unet": {"dreambooth": {"instance_prompt": "sks", "prior_loss_weight": -1}}}, "prior_loss_weight"),
         ({"unet": {"masked_loss": True}}, "masked_loss: needs data.source"),
+        ({**base, "unet": {"dreambooth": {"instance_prompt": "sks", "class_prompt": []}}}, "class_prompt: empty"),
+        (
+            {**base, "unet": {"dreambooth": {"instance_prompt": "sks", "class_prompt": ["a", " "]}}},
+            "class_prompt: empty",
+        ),
+        ({**base, "unet": {"dreambooth": {"instance_prompt": "sks", "class_prompt": [3]}}}, "class_prompt"),
     ]
     for raw, message in cases:
         with pytest.raises(ConfigError, match=message):

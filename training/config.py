@@ -177,8 +177,9 @@ class DreamBoothConfig:
     cached, reused) are mixed into every step with the prior-preservation loss (section 3.3)."""
 
     instance_prompt: str = ""
-    # None: no prior preservation.
-    class_prompt: str | None = None
+    # None: no prior preservation. A list: the class images are drawn in turn from each prompt
+    # (e.g. the prompts a model must keep, not only the subject's class), each image captioned by its own.
+    class_prompt: str | list[str] | None = None
     num_class_images: int = 100
     prior_loss_weight: float = 1.0
     # Your own class images, topped up with generated ones to num_class_images; None: generated
@@ -492,7 +493,8 @@ def _check_dreambooth(cfg: RunConfig) -> None:
         raise ConfigError("unet.dreambooth: needs data.source, the folder of your subject's images")
     if cfg.pretrained is None and cfg.unet.pretrained is None:
         raise ConfigError("unet.dreambooth: fine-tunes a trained model; set pretrained (a pipeline folder or Hub id)")
-    if db.class_prompt is not None and not db.class_prompt.strip():
+    prompts = [db.class_prompt] if isinstance(db.class_prompt, str) else db.class_prompt
+    if prompts is not None and (not prompts or not all(p.strip() for p in prompts)):
         raise ConfigError("unet.dreambooth.class_prompt: empty; leave it out for no prior preservation")
     if db.num_class_images < 1 or db.class_sampling_steps < 1:
         raise ConfigError("unet.dreambooth: num_class_images and class_sampling_steps must be >= 1")

@@ -2,13 +2,15 @@
 Models for Subject-Driven Generation", section 3.3, class-specific prior preservation loss).
 
 Before the subject is learned, the model being tuned draws ``num_class_images`` images of the
-class prompt ("a photo of a dog"); training then mixes a batch of them into every step, so that
-the model keeps what it knew of the class while it learns the subject. The images are drawn once
-and kept as PNG files: in ``class_data_dir`` if set (your own class images there count, and are
-topped up), else in a cache folder named by a fingerprint of the model, the prompt and the
-sampling settings, so that a rerun reuses them and any change draws anew. Each image is written
-to a temporary name and renamed into place, so an interrupted run leaves no half-written file;
-a file that cannot be decoded is reported, not used, and drawn again.
+class prompt ("a photo of a dog"), or in turn of each of a list of prompts; training then mixes a
+batch of them into every step, so that the model keeps what it knew while it learns the subject.
+The images are drawn once and kept as PNG files, each beside a same-name ``.txt`` holding its
+prompt: in ``class_data_dir`` if set (your own class images there count, and are topped up; one
+without a ``.txt`` is captioned with the first class prompt), else in a cache folder named by a
+fingerprint of the model, the prompts and the sampling settings, so that a rerun reuses them and
+any change draws anew. Each file is written to a temporary name and renamed into place, the
+caption before its image, so an interrupted run leaves no half-written file; a file that cannot
+be decoded is reported, not used, and drawn again.
 """
 
 from __future__ import annotations
@@ -69,16 +71,33 @@ def _settings(cfg: RunConfig) -> dict:
     }
 
 
-def _readable(folder: Path, resolution: int) -> tuple[list[np.ndarray], list[str]]:
-    """The images already in ``folder`` (square-cropped to ``resolution``) and the unreadable ones."""
-    arrays, unreadable = [], []
+def class_prompts(cfg: RunConfig) -> list[str]:
+    """The class prompts as a list (one for a single ``class_prompt``)."""
+    prompt = cfg.unet.dreambooth.class_prompt
+    return [prompt] if isinstance(prompt, str) else list(prompt)
+
+
+def _readable(folder: Path, resolution: int, default: str) -> tuple[list[np.ndarray], list[str], list[str]]:
+    """The images already in ``folder`` (square-cropped to ``resolution``), their captions (a
+    same-name ``.txt``, else ``default``) and the unreadable ones."""
+    arrays, captions, unreadable = [], [], []
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     for path in files:
         try:
             arrays.append(fit_to_bucket(decode_image(str(path)), (resolution, resolution)))
         except SkippedImage as err:
             unreadable.append(f"{path}: {err.reason}")
-    return arrays, unreadable
+            continue
+        text = path.with_suffix(".txt")
+        caption = text.read_text(encoding="utf-8", errors="replace").strip() if text.is_file() else ""
+        captions.append(caption or default)
+    return arrays, captions, unreadable
+
+
+def _replace(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}{path.suffix}")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def _free_names(folder: Path, count: int) -> list[Path]:
@@ -100,24 +119,26 @@ def _draw(
     fresh = type(sampler).from_config(sampler.config)
     pipe = LatentDiffusionPipeline(vae, text_encoder, tokenizer, unet.to(accelerator.device).eval(), fresh)
     pipe.set_progress_bar_config(disable=True)
-    settings = _settings(cfg)
+    settings, prompts = _settings(cfg), class_prompts(cfg)
     extra = {"guidance_scale": settings["guidance_scale"]} if settings["guidance_scale"] is not None else {}
     for start in tqdm(range(0, len(paths), _BATCH), desc="class images", leave=False):
         chunk = paths[start : start + _BATCH]
-        seeds = [torch.Generator().manual_seed(settings["seed"] + int(p.stem.split("-")[-1])) for p in chunk]
+        # Image k: prompt k mod the number of prompts, seed offset k; the same image on every rerun.
+        numbers = [int(p.stem.split("-")[-1]) for p in chunk]
+        seeds = [torch.Generator().manual_seed(settings["seed"] + k) for k in numbers]
+        texts = [prompts[k % len(prompts)] for k in numbers]
         with accelerator.autocast():
             images = pipe(
-                [settings["prompt"]] * len(chunk),
+                texts,
                 height=settings["resolution"],
                 width=settings["resolution"],
                 num_inference_steps=settings["steps"],
                 generator=seeds,
                 **extra,
             ).images
-        for image, path in zip(images, chunk, strict=True):
-            tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}.png")
-            image.save(tmp)
-            os.replace(tmp, path)
+        for image, text, path in zip(images, texts, chunk, strict=True):
+            _replace(path.with_suffix(".txt"), lambda tmp, text=text: tmp.write_text(text + "\n", encoding="utf-8"))
+            _replace(path, image.save)
 
 
 def class_images(cfg: RunConfig, parts: tuple, sampler, out: Path, accelerator: Accelerator) -> ClassImages:
@@ -137,7 +158,8 @@ def class_images(cfg: RunConfig, parts: tuple, sampler, out: Path, accelerator: 
     generated = 0
     with accelerator.main_process_first():
         folder.mkdir(parents=True, exist_ok=True)
-        arrays, unreadable = _readable(folder, resolution)
+        prompts = class_prompts(cfg)
+        arrays, captions, unreadable = _readable(folder, resolution, prompts[0])
         missing = db.num_class_images - len(arrays)
         if missing > 0 and accelerator.is_main_process:
             if unet is None:
@@ -145,10 +167,11 @@ def class_images(cfg: RunConfig, parts: tuple, sampler, out: Path, accelerator: 
             _draw(cfg, parts, unet, sampler, _free_names(folder, missing), accelerator)
             (folder / "settings.json").write_text(json.dumps(settings, indent=2))
             generated = missing
-            arrays, unreadable = _readable(folder, resolution)
+            arrays, captions, unreadable = _readable(folder, resolution, prompts[0])
     del unet
-    arrays = arrays[: db.num_class_images]
+    arrays, captions = arrays[: db.num_class_images], captions[: db.num_class_images]
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    pixels = Pixels(images, [[db.class_prompt]] * len(arrays))
-    summary = f"{len(arrays)} class images of {db.class_prompt!r}"
+    pixels = Pixels(images, [[caption] for caption in captions])
+    named = repr(prompts[0]) if len(prompts) == 1 else f"{len(prompts)} prompts ({prompts[0]!r}, ...)"
+    summary = f"{len(arrays)} class images of {named}"
     return ClassImages(ImageSet([pixels], summary=summary), folder, generated, len(arrays) - generated, unreadable)
