@@ -114,6 +114,8 @@ def main() -> None:
         "built-in grammar, the class prompt first (54: what the model should keep)",
     )
     parser.add_argument("--num-class-images", type=int, default=100)
+    parser.add_argument("--prior-loss-weight", type=float, default=1.0)
+    parser.add_argument("--skip-no-prior", action="store_true", help="train only with prior preservation")
     parser.add_argument("--lora-rank", type=int, default=None, help="train a LoRA of this rank, not all weights")
     parser.add_argument("--out", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
@@ -128,15 +130,18 @@ def main() -> None:
         "class_prompts": args.class_prompts,
         "num_class_images": args.num_class_images,
         "lora_rank": args.lora_rank,
+        "prior_loss_weight": args.prior_loss_weight,
     }
     results["base"] = measure(args.model)
     print("base", results["base"])
     prior = CLASS if args.class_prompts == "one" else [CLASS] + [p for p in grammar_prompts() if p != CLASS]
-    for name, class_prompt in (("prior_preservation", prior), ("no_prior", None)):
+    variants = [("prior_preservation", prior)] + ([] if args.skip_no_prior else [("no_prior", None)])
+    for name, class_prompt in variants:
         dreambooth = {
             "instance_prompt": INSTANCE,
             "class_prompt": class_prompt,
             "num_class_images": args.num_class_images,
+            "prior_loss_weight": args.prior_loss_weight,
         }
         cfg = config_from_dict(
             {
