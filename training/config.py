@@ -189,6 +189,12 @@ class DreamBoothConfig:
     class_sampling_steps: int = 25
     class_guidance_scale: float | None = None
 
+    @property
+    def class_prompts(self) -> list[str]:
+        """The class prompts as a list: one for a single ``class_prompt``, none without it."""
+        prompt = self.class_prompt
+        return [] if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+
 
 @dataclass
 class LoRAConfig:
@@ -493,8 +499,8 @@ def _check_dreambooth(cfg: RunConfig) -> None:
         raise ConfigError("unet.dreambooth: needs data.source, the folder of your subject's images")
     if cfg.pretrained is None and cfg.unet.pretrained is None:
         raise ConfigError("unet.dreambooth: fine-tunes a trained model; set pretrained (a pipeline folder or Hub id)")
-    prompts = [db.class_prompt] if isinstance(db.class_prompt, str) else db.class_prompt
-    if prompts is not None and (not prompts or not all(p.strip() for p in prompts)):
+    prompts = db.class_prompts
+    if db.class_prompt is not None and (not prompts or not all(p.strip() for p in prompts)):
         raise ConfigError("unet.dreambooth.class_prompt: empty; leave it out for no prior preservation")
     if db.num_class_images < 1 or db.class_sampling_steps < 1:
         raise ConfigError("unet.dreambooth: num_class_images and class_sampling_steps must be >= 1")

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ldm_pipeline.data.buckets import fit_to_bucket
 from ldm_pipeline.data.decode import SkippedImage, decode_image
-from ldm_pipeline.data.sources import IMAGE_EXTENSIONS
+from ldm_pipeline.data.sources import IMAGE_EXTENSIONS, caption_file
 from ldm_pipeline.loading import load_component
 from ldm_pipeline.pipeline import LatentDiffusionPipeline
 
@@ -71,12 +71,6 @@ def _settings(cfg: RunConfig) -> dict:
     }
 
 
-def class_prompts(cfg: RunConfig) -> list[str]:
-    """The class prompts as a list (one for a single ``class_prompt``)."""
-    prompt = cfg.unet.dreambooth.class_prompt
-    return [prompt] if isinstance(prompt, str) else list(prompt)
-
-
 def _readable(folder: Path, resolution: int, default: str) -> tuple[list[np.ndarray], list[str], list[str]]:
     """The images already in ``folder`` (square-cropped to ``resolution``), their captions (a
     same-name ``.txt``, else ``default``) and the unreadable ones."""
@@ -88,8 +82,11 @@ def _readable(folder: Path, resolution: int, default: str) -> tuple[list[np.ndar
         except SkippedImage as err:
             unreadable.append(f"{path}: {err.reason}")
             continue
-        text = path.with_suffix(".txt")
-        caption = text.read_text(encoding="utf-8", errors="replace").strip() if text.is_file() else ""
+        caption, problem = caption_file(path)
+        if problem:
+            arrays.pop()
+            unreadable.append(f"{path}: {problem}")
+            continue
         captions.append(caption or default)
     return arrays, captions, unreadable
 
@@ -119,7 +116,7 @@ def _draw(
     fresh = type(sampler).from_config(sampler.config)
     pipe = LatentDiffusionPipeline(vae, text_encoder, tokenizer, unet.to(accelerator.device).eval(), fresh)
     pipe.set_progress_bar_config(disable=True)
-    settings, prompts = _settings(cfg), class_prompts(cfg)
+    settings, prompts = _settings(cfg), cfg.unet.dreambooth.class_prompts
     extra = {"guidance_scale": settings["guidance_scale"]} if settings["guidance_scale"] is not None else {}
     for start in tqdm(range(0, len(paths), _BATCH), desc="class images", leave=False):
         chunk = paths[start : start + _BATCH]
@@ -158,7 +155,7 @@ def class_images(cfg: RunConfig, parts: tuple, sampler, out: Path, accelerator: 
     generated = 0
     with accelerator.main_process_first():
         folder.mkdir(parents=True, exist_ok=True)
-        prompts = class_prompts(cfg)
+        prompts = cfg.unet.dreambooth.class_prompts
         arrays, captions, unreadable = _readable(folder, resolution, prompts[0])
         missing = db.num_class_images - len(arrays)
         if missing > 0 and accelerator.is_main_process:

@@ -142,7 +142,7 @@ def _table(
     return _rows(images, texts, skips, masks if mask_column else None)
 
 
-def _caption_file(path: Path) -> tuple[str | None, str | None]:
+def caption_file(path: Path) -> tuple[str | None, str | None]:
     """The caption beside an image (None when there is none), or why it cannot be read."""
     caption = path.with_suffix(".txt")
     if not caption.is_file():
@@ -185,7 +185,7 @@ def _text_folder(folder: Path) -> datasets.Dataset:
     images = _folder_images(folder)
     if not images:
         raise SourceError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) and no metadata file")
-    texts, skips = zip(*(_caption_file(p) for p in images), strict=True)
+    texts, skips = zip(*(caption_file(p) for p in images), strict=True)
     return _rows([str(p) for p in images], list(texts), list(skips))
 
 
