@@ -115,6 +115,12 @@ def main() -> None:
     )
     parser.add_argument("--num-class-images", type=int, default=100)
     parser.add_argument("--prior-loss-weight", type=float, default=1.0)
+    parser.add_argument(
+        "--prior-target",
+        choices=["noise", "model"],
+        default="noise",
+        help="unet.dreambooth.prior_target: the class images' noise (the paper's) or the untuned UNet's prediction",
+    )
     parser.add_argument("--skip-no-prior", action="store_true", help="train only with prior preservation")
     parser.add_argument("--lora-rank", type=int, default=None, help="train a LoRA of this rank, not all weights")
     parser.add_argument("--out", type=Path, default=None, help="also write the results here")
@@ -131,6 +137,7 @@ def main() -> None:
         "num_class_images": args.num_class_images,
         "lora_rank": args.lora_rank,
         "prior_loss_weight": args.prior_loss_weight,
+        "prior_target": args.prior_target,
     }
     results["base"] = measure(args.model)
     print("base", results["base"])
@@ -142,6 +149,7 @@ def main() -> None:
             "class_prompt": class_prompt,
             "num_class_images": args.num_class_images,
             "prior_loss_weight": args.prior_loss_weight,
+            **({"prior_target": args.prior_target} if class_prompt is not None else {}),
         }
         cfg = config_from_dict(
             {

@@ -115,6 +115,12 @@ def test_dreambooth_config_errors_name_the_key(tmp_path):
             "class_prompt: empty",
         ),
         ({**base, "unet": {"dreambooth": {"instance_prompt": "sks", "class_prompt": [3]}}}, "class_prompt"),
+        ({**base, "unet": {"dreambooth": {"instance_prompt": "sks", "prior_target": "model"}}}, "needs class_prompt"),
+        (
+            {**base, "unet": {"train_text_encoder": True, "dreambooth": {**DB, "prior_target": "model"}}},
+            "prior_target: model needs train_text_encoder false",
+        ),
+        ({**base, "unet": {"dreambooth": {**DB, "prior_target": "teacher"}}}, "prior_target"),
     ]
     for raw, message in cases:
         with pytest.raises(ConfigError, match=message):
@@ -209,6 +215,61 @@ def test_a_black_mask_zeroes_the_loss_gradient_there(tiny_dir, tmp_path, masked)
         assert grad[..., :half].abs().max() == 0
     else:
         assert grad[..., :half].abs().min() > 0
+
+
+class _Teacher(torch.nn.Module):
+    """The untuned UNet, recording the conditions it is asked about."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.conds = unet, []
+
+    def forward(self, zt, t, cond):
+        self.conds.append(cond)
+        return self.unet(zt, t, encoder_hidden_states=cond).sample
+
+
+def test_prior_target_model_regresses_onto_the_untuned_unet_for_class_and_subject_images(tiny_dir, tmp_path):
+    from ldm_pipeline.training.dreambooth import class_images
+
+    own = _subject(tmp_path / "class", n=2, captions=["a photo of a pattern", "a photo of a stripe"])
+    db = {**DB, "num_class_images": 2, "class_data_dir": str(own), "prior_target": "model"}
+    cfg = _config(tiny_dir, _subject(tmp_path / "subject"), tmp_path / "cache", dreambooth=db, caption_dropout=0.0)
+    train_set, _ = load_images(cfg.data, geometry(cfg).bucket_step, 2, default_caption=DB["instance_prompt"])
+    accelerator = Accelerator(cpu=True)
+    parts, sampler = frozen_parts(cfg, tmp_path), sampling_scheduler(cfg)
+    prior = class_images(cfg, parts, sampler, tmp_path, accelerator).images
+    caches = build_caches(cfg, train_set, parts, tmp_path, accelerator, prior)
+    student = _Recorder(UNet2DConditionModel.from_pretrained(tiny_dir / "unet"))
+    teacher = _Teacher(UNet2DConditionModel.from_pretrained(tiny_dir / "unet").requires_grad_(False))
+    loss = DenoisingLoss(cfg, train_set, caches, parts, student, sampler, accelerator, prior, teacher)
+
+    terms = loss(0)
+    # The untuned weights predict what the untuned UNet does: no prior loss, and no gradient from it.
+    assert terms["prior_loss"] == 0 and terms["instance_loss"] > 0
+    terms["loss"].backward()
+    instance_out, class_out, anchor_out = student.outputs
+    assert instance_out.grad.abs().max() > 0
+    assert class_out.grad.abs().max() == 0 and anchor_out.grad.abs().max() == 0
+    # Asked about the class images under their captions, then the subject's under the first class prompt.
+    embed = loss.embed
+    assert torch.equal(teacher.conds[0], embed(["a photo of a pattern", "a photo of a stripe"]))
+    assert torch.equal(teacher.conds[1], embed([DB["class_prompt"]] * 2))
+
+    with torch.no_grad():
+        for param in student.unet.parameters():
+            param.add_(0.01 * torch.randn_like(param))
+    assert loss(1)["prior_loss"] > 0  # moved weights: a prior loss pulls them back
+
+
+@pytest.mark.slow
+def test_prior_target_model_trains_end_to_end(tiny_dir, tmp_path):
+    db = {**DB, "class_sampling_steps": 2, "prior_target": "model"}
+    cfg = _config(tiny_dir, _subject(tmp_path / "subject"), tmp_path / "cache", dreambooth=db, steps=12)
+    report = train(cfg, tmp_path / "a")
+    # Zero at the first step (untuned weights); by the step-10 log the weights have moved.
+    assert report["unet"]["final_prior_loss"] > 0 and report["unet"]["class_images"]["generated"] == 4
+    assert (tmp_path / "a" / "pipeline" / "unet").is_dir()
 
 
 @pytest.mark.slow

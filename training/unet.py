@@ -142,6 +142,17 @@ def uses_channels_last(memory_format: str) -> bool:
     return memory_format == "channels_last"
 
 
+def untuned_unet(cfg: RunConfig) -> Denoiser:
+    """The pretrained UNet as loaded, frozen and in eval mode (DreamBooth's ``prior_target: model``)."""
+    c = cfg.unet
+    unet = load_component(UNet2DConditionModel, c.pretrained, "unet", cfg.allow_pickle)
+    if uses_channels_last(c.memory_format):
+        unet = unet.to(memory_format=torch.channels_last)
+    if c.attention == "auto":
+        use_cpu_attention(unet)
+    return Denoiser(unet.requires_grad_(False).eval(), None)
+
+
 def trained_modules(cfg: RunConfig, text_encoder: CLIPTextModel) -> Denoiser:
     """The UNet (pretrained or new) and, with ``unet.train_text_encoder``, the text encoder, with
     LoRA adapters when ``unet.lora`` is set; what trains has ``requires_grad``."""
@@ -250,8 +261,11 @@ class DenoisingLoss:
         sampler,
         accelerator: Accelerator,
         prior: ImageSet | None = None,
+        teacher: Denoiser | None = None,
     ):
         vae, text_encoder, self.tokenizer = parts
+        # dreambooth.prior_target "model": the untuned UNet whose predictions the prior loss regresses onto.
+        self.teacher = teacher
         self.c, self.flip, self.scale = cfg.unet, cfg.data.random_flip, vae.config.scaling_factor
         self.model, self.device = model, accelerator.device
         # Training's forward process is the saved sampler's noise schedule.
@@ -338,12 +352,38 @@ class DenoisingLoss:
             losses.append(per_sample)
         return losses
 
+    def _matched(self, p: dict) -> torch.Tensor:
+        """A part's per-sample distance to the untuned UNet's prediction at the same noisy latents
+        (min-SNR weighted as the denoising loss is): the prior loss of ``prior_target: model``."""
+        zt = self.noise_scheduler.add_noise(p["z0"], p["noisy_input"], p["t"])
+        if self.channels_last:
+            zt = zt.contiguous(memory_format=torch.channels_last)
+        pred = self.model(zt, p["t"], p["cond"]).float()
+        with torch.no_grad():
+            target = self.teacher(zt, p["t"], p["cond"]).float()
+        per_sample = denoising_loss(pred, target, "mse", self.c.huber_delta, None)
+        if self.c.min_snr_gamma is not None:
+            c = self.c
+            per_sample = per_sample * min_snr_weights(self.noise_scheduler, p["t"], c.min_snr_gamma, c.prediction_type)
+        return per_sample
+
+    def _preserved(self, subject: dict, classes: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The instance loss, and the prior loss against the untuned UNet: the class images under
+        their captions, plus the subject's images (same noisy latents) under the first class prompt."""
+        instance = self._per_sample([subject])[0].mean()
+        first = self.c.dreambooth.class_prompts[0]
+        anchor = {**subject, "cond": self.embed([first] * len(subject["t"])).to(subject["cond"]), "mask": None}
+        return instance, self._matched(classes).mean() + self._matched(anchor).mean()
+
     def __call__(self, step: int) -> dict[str, torch.Tensor]:
         parts = [self._noised(next(self.batches))]
         if self.prior_batches is None:
             return {"loss": self._per_sample(parts)[0].mean()}
         parts.append(self._noised(next(self.prior_batches)))
-        instance, prior = (losses.mean() for losses in self._per_sample(parts))
+        if self.teacher is not None:
+            instance, prior = self._preserved(*parts)
+        else:
+            instance, prior = (losses.mean() for losses in self._per_sample(parts))
         weight = self.c.dreambooth.prior_loss_weight
         return {"loss": instance + weight * prior, "instance_loss": instance, "prior_loss": prior}
 
@@ -370,7 +410,12 @@ def train_unet(
     optimizer = make_optimizer(trainable(model), c)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
-    loss = DenoisingLoss(cfg, train, caches, parts, model, sampler, accelerator, prior.images if prior else None)
+    teacher = None
+    if prior is not None and c.dreambooth.prior_target == "model":
+        teacher = untuned_unet(cfg).to(accelerator.device)
+    loss = DenoisingLoss(
+        cfg, train, caches, parts, model, sampler, accelerator, prior.images if prior else None, teacher
+    )
     views = EMAViews(model, ema, accelerator, parts, sampler, c, out)
     if c.pretrained:
         views.remember_base()
