@@ -187,7 +187,7 @@ class DreamBoothConfig:
     # class images under their captions plus the subject's images under the first class prompt,
     # the two terms summed: training on the model's own samples and on the subject under the class
     # prompt then cannot move the class away from what the model did (benchmarks/README.md: on the
-    # quick-start model 3 points of adherence lost instead of 15). One more UNet in memory and
+    # quick-start model 2 points of adherence lost instead of 15). One more UNet in memory and
     # about twice the step time; not with train_text_encoder.
     prior_target: Literal["noise", "model"] = "noise"
     # Your own class images, topped up with generated ones to num_class_images; None: generated

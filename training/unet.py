@@ -142,20 +142,8 @@ def uses_channels_last(memory_format: str) -> bool:
     return memory_format == "channels_last"
 
 
-def untuned_unet(cfg: RunConfig) -> Denoiser:
-    """The pretrained UNet as loaded, frozen and in eval mode (DreamBooth's ``prior_target: model``)."""
-    c = cfg.unet
-    unet = load_component(UNet2DConditionModel, c.pretrained, "unet", cfg.allow_pickle)
-    if uses_channels_last(c.memory_format):
-        unet = unet.to(memory_format=torch.channels_last)
-    if c.attention == "auto":
-        use_cpu_attention(unet)
-    return Denoiser(unet.requires_grad_(False).eval(), None)
-
-
-def trained_modules(cfg: RunConfig, text_encoder: CLIPTextModel) -> Denoiser:
-    """The UNet (pretrained or new) and, with ``unet.train_text_encoder``, the text encoder, with
-    LoRA adapters when ``unet.lora`` is set; what trains has ``requires_grad``."""
+def _unet(cfg: RunConfig) -> UNet2DConditionModel:
+    """The UNet (pretrained or new) in the configured memory format and attention."""
     c = cfg.unet
     if c.pretrained:
         unet = load_component(UNet2DConditionModel, c.pretrained, "unet", cfg.allow_pickle)
@@ -163,10 +151,23 @@ def trained_modules(cfg: RunConfig, text_encoder: CLIPTextModel) -> Denoiser:
         unet = build_unet(get_preset(cfg.model))
     if uses_channels_last(c.memory_format):
         unet = unet.to(memory_format=torch.channels_last)
-    if c.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
     if c.attention == "auto":
         use_cpu_attention(unet)
+    return unet
+
+
+def untuned_unet(cfg: RunConfig) -> Denoiser:
+    """The pretrained UNet as loaded, frozen and in eval mode (DreamBooth's ``prior_target: model``)."""
+    return Denoiser(_unet(cfg).requires_grad_(False).eval(), None)
+
+
+def trained_modules(cfg: RunConfig, text_encoder: CLIPTextModel) -> Denoiser:
+    """The UNet (pretrained or new) and, with ``unet.train_text_encoder``, the text encoder, with
+    LoRA adapters when ``unet.lora`` is set; what trains has ``requires_grad``."""
+    c = cfg.unet
+    unet = _unet(cfg)
+    if c.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     if c.lora is not None:
         add_lora(unet, c.lora, c.lora.target_modules)
     trained_text_encoder = None
@@ -339,33 +340,33 @@ class DenoisingLoss:
             return list(self._per_sample([joined])[0].split(sizes))
         losses = []
         for p in parts:
-            zt = self.noise_scheduler.add_noise(p["z0"], p["noisy_input"], p["t"])
-            if self.channels_last:
-                zt = zt.contiguous(memory_format=torch.channels_last)
+            zt = self._noisy(p)
             pred = self.model(zt, p["t"], p["cond"]).float()
             target = prediction_target(self.noise_scheduler, p["z0"], p["noise"], p["t"], c.prediction_type)
             per_sample = denoising_loss(pred, target, c.loss, c.huber_delta, p["mask"])
-            if c.min_snr_gamma is not None:
-                per_sample = per_sample * min_snr_weights(
-                    self.noise_scheduler, p["t"], c.min_snr_gamma, c.prediction_type
-                )
-            losses.append(per_sample)
+            losses.append(self._snr_weighted(per_sample, p["t"]))
         return losses
+
+    def _noisy(self, p: dict) -> torch.Tensor:
+        """A part's noisy latents z_t, in the training memory format."""
+        zt = self.noise_scheduler.add_noise(p["z0"], p["noisy_input"], p["t"])
+        return zt.contiguous(memory_format=torch.channels_last) if self.channels_last else zt
+
+    def _snr_weighted(self, per_sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses times their min-SNR weights (unchanged without ``min_snr_gamma``)."""
+        c = self.c
+        if c.min_snr_gamma is None:
+            return per_sample
+        return per_sample * min_snr_weights(self.noise_scheduler, t, c.min_snr_gamma, c.prediction_type)
 
     def _matched(self, p: dict) -> torch.Tensor:
         """A part's per-sample distance to the untuned UNet's prediction at the same noisy latents
         (min-SNR weighted as the denoising loss is): the prior loss of ``prior_target: model``."""
-        zt = self.noise_scheduler.add_noise(p["z0"], p["noisy_input"], p["t"])
-        if self.channels_last:
-            zt = zt.contiguous(memory_format=torch.channels_last)
+        zt = self._noisy(p)
         pred = self.model(zt, p["t"], p["cond"]).float()
         with torch.no_grad():
             target = self.teacher(zt, p["t"], p["cond"]).float()
-        per_sample = denoising_loss(pred, target, "mse", self.c.huber_delta, None)
-        if self.c.min_snr_gamma is not None:
-            c = self.c
-            per_sample = per_sample * min_snr_weights(self.noise_scheduler, p["t"], c.min_snr_gamma, c.prediction_type)
-        return per_sample
+        return self._snr_weighted(denoising_loss(pred, target), p["t"])
 
     def _preserved(self, subject: dict, classes: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The instance loss, and the prior loss against the untuned UNet: the class images under
