@@ -1,3 +1,4 @@
+import pytest
 import torch
 from diffusers import DDPMScheduler
 from ldm_pipeline.training.objectives import (
@@ -80,3 +81,19 @@ def test_timestep_range_and_huber_loss_by_hand():
     expected = (0 + 0.5 * 0.05**2 + 0.1 * (1.0 - 0.05)) / 3
     torch.testing.assert_close(denoising_loss(pred, target, "huber", 0.1), torch.tensor([expected]))
     torch.testing.assert_close(denoising_loss(pred, target, "mse"), torch.tensor([(0.05**2 + 1) / 3]))
+
+
+def test_logit_normal_timesteps_crowd_the_middle_of_the_range():
+    def draw(density, **kw):
+        return sample_timesteps(20000, 100, 900, torch.Generator().manual_seed(0), density, **kw)
+
+    uniform, mid = draw("uniform"), draw("logit_normal")
+    assert mid.min() >= 100 and mid.max() < 900
+    # sigmoid(N(0, 1)) has about 0.39 of its mass in (0.375, 0.625), against 0.25 for uniform.
+    middle = lambda t: ((t >= 400) & (t < 600)).float().mean().item()  # noqa: E731
+    assert abs(middle(uniform) - 0.25) < 0.02 and abs(middle(mid) - 0.39) < 0.02
+    # A positive mean moves the mass towards the noisy end; the draw is reproducible.
+    assert draw("logit_normal", logit_mean=1.0).float().mean() > mid.float().mean() + 100
+    assert torch.equal(mid, draw("logit_normal"))
+    with pytest.raises(ValueError, match="timestep density"):
+        draw("cosine")

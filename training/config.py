@@ -147,6 +147,11 @@ class VAEConfig(StageConfig):
     kl_weight: float = 1e-6
     # Starting the encoder's log-variance low keeps sampling noise from swamping early latents.
     logvar_init: float = -6.0
+    # After training, fold each latent channel's measured mean and std into the VAE's 1×1 quant
+    # convs so that every channel has zero mean and one std (images decode as before). On the
+    # shapes VAE the channels' std ranged 0.46-3.5 and their means -2.4 to 3.0; standardised, the
+    # UNet learned faster (benchmarks/README.md).
+    standardise_latents: bool = True
     gan_start_step: int | None = None
     gan_weight: float = 0.5
     # Held-out reconstruction PSNR (dB) at which the stage is done: measured every eval_every
@@ -237,6 +242,11 @@ class UNetConfig(StageConfig):
     zero_terminal_snr: bool = False
     # Train on timesteps in [low, high) of the 1,000-step schedule.
     timestep_range: list[int] = field(default_factory=lambda: [0, 1000])
+    # How timesteps are drawn in that range: "uniform" (DDPM) or "logit_normal" (sigmoid of a
+    # normal with timestep_logit_mean and timestep_logit_std: more steps mid-schedule, as SD3).
+    timestep_density: Literal["uniform", "logit_normal"] = "uniform"
+    timestep_logit_mean: float = 0.0
+    timestep_logit_std: float = 1.0
     loss: Literal["mse", "huber"] = "mse"
     huber_delta: float = 0.1
     caption_dropout: float = 0.1
@@ -484,6 +494,8 @@ def check(cfg: RunConfig) -> RunConfig:
     timesteps = SD_NOISE_SCHEDULE["num_train_timesteps"]
     if len(u.timestep_range) != 2 or not 0 <= u.timestep_range[0] < u.timestep_range[1] <= timesteps:
         raise ConfigError(f"unet.timestep_range: must be [low, high] with 0 <= low < high <= {timesteps}")
+    if u.timestep_logit_std <= 0:
+        raise ConfigError(f"unet.timestep_logit_std: must be > 0, got {u.timestep_logit_std}")
     for key in ("noise_offset", "input_perturbation"):
         if getattr(u, key) < 0:
             raise ConfigError(f"unet.{key}: must be >= 0, got {getattr(u, key)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_snr
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -87,10 +87,31 @@ def zero_terminal_snr_config() -> dict:
     return {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
 
 
-def sample_timesteps(n: int, low: int, high: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Training timesteps uniform in ``[low, high)``: a range narrower than the schedule's trains
-    a specialist (e.g. only the high-noise steps that decide composition)."""
-    return torch.randint(low, high, (n,), generator=generator)
+def sample_timesteps(
+    n: int,
+    low: int,
+    high: int,
+    generator: torch.Generator | None = None,
+    density: str = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+) -> torch.Tensor:
+    """Training timesteps in ``[low, high)``: a range narrower than the schedule's trains a
+    specialist (e.g. only the high-noise steps that decide composition).
+
+    ``density="uniform"``: DDPM's uniform draw. ``"logit_normal"``: the position in the range is
+    sigmoid(u), u ~ N(logit_mean, logit_std) (Esser et al. 2024, "Scaling Rectified Flow
+    Transformers", section 3.1; diffusers' ``compute_density_for_timestep_sampling``), which puts
+    more of the steps in the middle of the schedule and fewer at its ends.
+    """
+    if density == "uniform":
+        return torch.randint(low, high, (n,), generator=generator)
+    if density != "logit_normal":
+        raise ValueError(f"unknown timestep density {density!r}; use 'uniform' or 'logit_normal'")
+    u = compute_density_for_timestep_sampling(
+        "logit_normal", n, logit_mean=logit_mean, logit_std=logit_std, generator=generator
+    )
+    return (low + u * (high - low)).long().clamp(low, high - 1)
 
 
 def denoising_loss(

@@ -315,7 +315,9 @@ class DenoisingLoss:
             std = torch.where(flip, cache["std_flipped"][index], std)
         z0 = (mean + std * torch.randn(shape, generator=generator)[part]) * self.scale
         noise = offset_noise(torch.randn(shape, generator=generator), c.noise_offset, generator)
-        t = sample_timesteps(n, *c.timestep_range, generator=generator)[part]
+        t = sample_timesteps(
+            n, *c.timestep_range, generator, c.timestep_density, c.timestep_logit_mean, c.timestep_logit_std
+        )[part]
         texts = self.captions(batch)[part]
         cond = token_ids(self.tokenizer, texts) if c.train_text_encoder else self.embed(texts)
         noisy_input = perturbed_noise(noise, c.input_perturbation, generator)[part]

@@ -2,8 +2,10 @@
 
 Loss: L1 or L2 reconstruction + ``kl_weight`` × KL, and optionally a PatchGAN discriminator with
 hinge loss and the adaptive weight of Esser et al. 2021 (VQGAN, eq. 7) after a start step, as in
-the latent-diffusion recipe (Rombach et al. 2022, appendix G). After training the latents' std
-on the data is measured and ``scaling_factor = 1 / std`` is stored in the VAE's config.
+the latent-diffusion recipe (Rombach et al. 2022, appendix G). After training the latents'
+per-channel mean and std on the data are measured; with ``standardise_latents`` they are folded
+into the VAE's 1×1 quant convs (every channel zero mean, one std), and ``scaling_factor = 1 / std``
+is stored in the VAE's config.
 """
 
 from __future__ import annotations
@@ -89,27 +91,68 @@ def new_vae(cfg: RunConfig) -> AutoencoderKL:
 
 
 @torch.no_grad()
-def measure_scaling_factor(
+def latent_statistics(
     vae: AutoencoderKL, images: ImageSet, batch_size: int = 128, max_images: int = 4096
-) -> float:
-    """1 / std of posterior samples over (up to ``max_images`` of) the images.
-
-    Scaled by it, latents have unit variance, as the noise schedule assumes (Rombach et al.
-    2022, section 4.3.2).
-    """
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of posterior samples per latent channel over (up to ``max_images`` of) the images."""
     vae.eval()
-    total, total_sq, count = 0.0, 0.0, 0
+    channels = vae.config.latent_channels
+    total = torch.zeros(channels, dtype=torch.float64)
+    total_sq = torch.zeros(channels, dtype=torch.float64)
+    count = 0
     generator = torch.Generator(device=vae.device).manual_seed(0)
     seen = 0
     for pixels in images.buckets:
         num = min(len(pixels), max_images - seen)
         for start in range(0, num, batch_size):
             index = torch.arange(start, min(start + batch_size, num))
-            z = vae.encode(pixels.float_batch(index).to(vae.device)).latent_dist.sample(generator).double()
-            total, total_sq, count = total + z.sum().item(), total_sq + z.pow(2).sum().item(), count + z.numel()
+            z = vae.encode(pixels.float_batch(index).to(vae.device)).latent_dist.sample(generator).double().cpu()
+            total += z.sum((0, 2, 3))
+            total_sq += z.pow(2).sum((0, 2, 3))
+            count += z.numel() // channels
         seen += num
-    std = (total_sq / count - (total / count) ** 2) ** 0.5
-    return 1.0 / std
+    mean = total / count
+    return mean, (total_sq / count - mean**2).clamp(min=0).sqrt()
+
+
+@torch.no_grad()
+def standardise_latents(vae: AutoencoderKL, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Give every latent channel zero mean and the same std (the channels' RMS std), in the weights.
+
+    The encoder's 1×1 ``quant_conv`` maps its posterior to (z − mean_c) · s / std_c and the
+    decoder's ``post_quant_conv`` undoes it, so images decode exactly as before and any diffusers
+    pipeline (which only divides by ``scaling_factor``) reads the new latents correctly. Without
+    it a channel with a tenth of another's std is drowned by the noise schedule far earlier, and a
+    channel's constant offset is signal the UNet need not learn.
+    """
+    if not vae.config.use_quant_conv or not vae.config.use_post_quant_conv:
+        raise ValueError("standardise_latents needs the VAE's quant_conv and post_quant_conv")
+    channels = vae.config.latent_channels
+    std = std.clamp(min=1e-6)
+    gain = std.pow(2).mean().sqrt() / std  # each channel's std becomes the RMS std
+    q, p = vae.quant_conv, vae.post_quant_conv
+    w = q.weight.dtype
+    gain_w, mean_w = gain.to(w), mean.to(w)
+    q.weight[:channels] *= gain_w.view(-1, 1, 1, 1)
+    q.bias[:channels] = (q.bias[:channels] - mean_w) * gain_w
+    q.bias[channels:] += 2 * gain_w.log()  # log-variance: std scales by the gain
+    p.bias += p.weight[:, :, 0, 0] @ mean_w
+    p.weight /= gain_w.view(1, -1, 1, 1)
+
+
+def measure_scaling_factor(vae: AutoencoderKL, images: ImageSet, standardise: bool = False) -> float:
+    """1 / std of posterior samples over (up to 4,096 of) the images, after ``standardise_latents``
+    with ``standardise``.
+
+    Scaled by it, latents have unit variance, as the noise schedule assumes (Rombach et al.
+    2022, section 4.3.2).
+    """
+    mean, std = latent_statistics(vae, images)
+    if standardise:
+        standardise_latents(vae, mean, std)
+        return 1.0 / float(std.pow(2).mean().sqrt())
+    # Over all channels: the channels' variances plus the spread of their means.
+    return 1.0 / float((std.pow(2) + mean.pow(2)).mean() - mean.mean() ** 2) ** 0.5
 
 
 def train_vae(
@@ -184,7 +227,7 @@ def train_vae(
         metrics.update(result.quality_report(check))
         if accelerator.is_main_process:
             result.save(out / "logs" / "vae_losses.json")
-        vae.register_to_config(scaling_factor=measure_scaling_factor(vae, train))
+        vae.register_to_config(scaling_factor=measure_scaling_factor(vae, train, c.standardise_latents))
     vae.eval()
     if len(holdout):
         # Mean over the held-out images of each bucket, weighted by their counts.
