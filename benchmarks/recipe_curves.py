@@ -9,11 +9,13 @@ recipe also stops each stage at its quality target, as the quick start does. Eac
 ``--num-samples`` prompts (seed 0, the quick start's evaluation). FLOPs per step come from torch's
 FLOP counter on one training step of each model.
 
-``previous``: the recipe up to this release (L1 VAE at 1e-3 with a cosine schedule; a 6.7M
-UNet of 64/128/128 channels at 1e-3, cosine, 200 warm-up steps), at the step counts its quick
-start ran on a 2-core AMD EPYC with AVX-512 BF16 in 6 + 17 minutes. ``current``: the shipped
-defaults (``training/config.py``; the L2 VAE with its decay and target) with the quick start's
-targets and the same 3,300-step UNet cosine.
+``previous``: the recipe of the first 32 px quick start (L1 VAE at 1e-3 with a cosine schedule,
+latents scaled by one global factor; a 6.7M UNet of 64/128/128 channels at 1e-3, cosine, 200
+warm-up steps, timesteps uniform), at the step counts its quick start ran on a 2-core AMD EPYC
+with AVX-512 BF16 in 6 + 17 minutes. ``current``: the shipped defaults (``training/config.py``;
+the L2 VAE with its decay and target, its latents standardised per channel) with the quick
+start's recipe (``configs/shapes.yaml``: logit-normal timesteps, targets, the same 3,300-step
+UNet cosine as a ceiling).
 
 Usage::
 
@@ -59,6 +61,7 @@ def recipes(vae_every: int, unet_every: int) -> dict[str, list[str]]:
         "vae.learning_rate=0.001",
         "vae.lr_scheduler=cosine",
         "vae.steps=3000",
+        "vae.standardise_latents=false",
         "unet.learning_rate=0.001",
         "unet.lr_scheduler=cosine",
         "unet.warmup_steps=200",

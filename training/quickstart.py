@@ -37,10 +37,11 @@ GRID_PROMPTS = (
 # The recipes are the shipped YAML files (configs/, installed as ldm_pipeline.configs): the shapes
 # recipe with quality targets, and a smoke run of the tiny preset in seconds.
 RECIPE, SMOKE = "shapes.yaml", "tiny.yaml"
-# What the time estimate assumes (benchmarks/recipe_curves.py): the steps the recipe took to reach
-# its targets, the cost of the quality checks per step, and the rest of the run (data, CLIP stage,
-# caches, the final grid and evaluation) in UNet steps.
-EXPECTED_STEPS = {"vae": 1000, "unet": 3300}
+# What the time estimate assumes: the steps the recipe took to reach its targets (`ldm quickstart`
+# on a 2-core AMD EPYC with AVX-512 BF16, benchmarks/README.md: VAE 900, UNet 2,250), the cost of
+# the quality checks per step, and the rest of the run (data, CLIP stage, caches, the final grid
+# and evaluation) in UNet steps.
+EXPECTED_STEPS = {"vae": 900, "unet": 2250}
 CHECK_OVERHEAD = {"vae": 1.02, "unet": 1.1}
 OTHER_UNET_STEPS = 300
 
