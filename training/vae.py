@@ -116,8 +116,9 @@ def latent_statistics(
 
 
 @torch.no_grad()
-def standardise_latents(vae: AutoencoderKL, mean: torch.Tensor, std: torch.Tensor) -> None:
-    """Give every latent channel zero mean and the same std (the channels' RMS std), in the weights.
+def standardise_latents(vae: AutoencoderKL, mean: torch.Tensor, std: torch.Tensor) -> float:
+    """Give every latent channel zero mean and the same std (the channels' RMS std, returned), in
+    the weights.
 
     The encoder's 1×1 ``quant_conv`` maps its posterior to (z − mean_c) · s / std_c and the
     decoder's ``post_quant_conv`` undoes it, so images decode exactly as before and any diffusers
@@ -129,7 +130,8 @@ def standardise_latents(vae: AutoencoderKL, mean: torch.Tensor, std: torch.Tenso
         raise ValueError("standardise_latents needs the VAE's quant_conv and post_quant_conv")
     channels = vae.config.latent_channels
     std = std.clamp(min=1e-6)
-    gain = std.pow(2).mean().sqrt() / std  # each channel's std becomes the RMS std
+    common = std.pow(2).mean().sqrt()
+    gain = common / std  # each channel's std becomes the RMS std
     q, p = vae.quant_conv, vae.post_quant_conv
     w = q.weight.dtype
     gain_w, mean_w = gain.to(w), mean.to(w)
@@ -138,6 +140,7 @@ def standardise_latents(vae: AutoencoderKL, mean: torch.Tensor, std: torch.Tenso
     q.bias[channels:] += 2 * gain_w.log()  # log-variance: std scales by the gain
     p.bias += p.weight[:, :, 0, 0] @ mean_w
     p.weight /= gain_w.view(1, -1, 1, 1)
+    return float(common)
 
 
 def measure_scaling_factor(vae: AutoencoderKL, images: ImageSet, standardise: bool = False) -> float:
@@ -149,8 +152,7 @@ def measure_scaling_factor(vae: AutoencoderKL, images: ImageSet, standardise: bo
     """
     mean, std = latent_statistics(vae, images)
     if standardise:
-        standardise_latents(vae, mean, std)
-        return 1.0 / float(std.pow(2).mean().sqrt())
+        return 1.0 / standardise_latents(vae, mean, std)
     # Over all channels: the channels' variances plus the spread of their means.
     return 1.0 / float((std.pow(2) + mean.pow(2)).mean() - mean.mean() ** 2) ** 0.5
 
