@@ -14,12 +14,7 @@ from ldm_pipeline.cli import main
 
 
 def _loop(
-    cfg: StageConfig,
-    values: list[float] | None,
-    target: float | None,
-    every: int = 2,
-    decay_at: float | None = None,
-    window: int = 1,
+    cfg: StageConfig, values: list[float] | None, target: float | None, every: int = 2, decay_at: float | None = None
 ):
     """run_loop on a one-weight model (SGD at LR 1) with a check that returns ``values`` in turn
     (None: no check)."""
@@ -28,9 +23,7 @@ def _loop(
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     model, optimizer = accelerator.prepare(model, optimizer)
     feed = iter(values or [])
-    check = None
-    if values is not None:
-        check = QualityCheck("score", lambda: next(feed), every, target, decay_at, window=window)
+    check = QualityCheck("score", lambda: next(feed), every, target, decay_at) if values is not None else None
     loss = lambda step: {"loss": model(torch.ones(1, 2)).sum() * 0}  # noqa: E731
     return run_loop(accelerator, model, optimizer, loss, cfg, desc="t", quality=check, log_every=1)
 
@@ -41,16 +34,6 @@ def test_loop_stops_at_the_first_measurement_that_reaches_the_target(capsys):
     assert [(q["step"], q["value"]) for q in result.quality] == [(2, 0.1), (4, 0.5), (6, 0.91)]
     printed = capsys.readouterr().out
     assert "t: step 4: score 0.500 (target 0.900)" in printed and "target reached at step 6" in printed
-
-
-def test_a_window_of_two_stops_on_the_mean_and_confirms_a_lone_value_at_the_target_sooner():
-    # Every 10 steps; 0.98 at step 30 reaches 0.9 alone but not with 0.6 (mean 0.79), so the next
-    # measurement comes 5 steps later; 0.7 then misses (mean 0.84) and the grid resumes at 40;
-    # 0.95 alone again (mean 0.825): 45, where 0.97 makes the mean 0.96 and the loop stops.
-    values = [0.1, 0.6, 0.98, 0.7, 0.95, 0.97, 1.0]
-    result = _loop(StageConfig(steps=100, warmup_steps=0), values, target=0.9, every=10, window=2)
-    assert [q["step"] for q in result.quality] == [10, 20, 30, 35, 40, 45]
-    assert result.steps == 45 and result.stopped_by == "target" and result.reached is True
 
 
 def test_loop_runs_to_its_step_ceiling_when_the_target_is_missed():

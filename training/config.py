@@ -285,8 +285,7 @@ class UNetConfig(StageConfig):
     # Prompt adherence of the EMA weights at which the stage is done (built-in shapes: all-correct;
     # digits: digit accuracy), measured every eval_every steps on quality_prompts fixed prompts
     # (shapes: each shape × colour × background once per 54) sampled with the saved pipeline's
-    # defaults, averaged over the last two measurements (after one at the target alone, the next
-    # comes eval_every / 2 steps later); else the stage runs to steps / max_minutes.
+    # defaults, averaged over the last two measurements; else the stage runs to steps / max_minutes.
     target: float | None = None
     eval_every: int | None = None
     # With lr_scheduler warmup_stable_decay: the measured quality at which the LR decay begins

@@ -106,8 +106,7 @@ class QualityCheck:
     fraction). With a ``target`` the stage stops when the mean of the last ``window``
     measurements is at or above it (a window of two halves the variance of a sampled measure
     without sampling more at each check), and otherwise runs on to its ceilings (``steps``,
-    ``max_minutes``). A measurement that reaches the target on its own while the window's mean
-    does not is confirmed sooner: the next one comes after half of ``every`` steps.
+    ``max_minutes``).
     """
 
     name: str
@@ -122,16 +121,6 @@ class QualityCheck:
 
     def show(self, value: float) -> str:
         return f"{self.name} {self.fmt.format(value)}"
-
-    def next_step(self, measured: list[dict[str, float]]) -> int:
-        """The step of the next measurement after ``measured`` (each {"step", "value"}): the next
-        multiple of ``every``, or half of ``every`` after one that reached the target alone."""
-        if not measured:
-            return self.every
-        last = measured[-1]
-        if self.target is not None and self.window > 1 and last["value"] >= self.target:
-            return int(last["step"]) + max(1, self.every // 2)
-        return (int(last["step"]) // self.every + 1) * self.every
 
     def level(self, values: list[float]) -> float:
         """What is compared with the target: the mean of the last ``window`` values."""
@@ -379,8 +368,7 @@ def run_loop(
     from ``checkpoints.resume`` exactly where that checkpoint left it (a resumed time-fitted run
     keeps the step plan it had).
 
-    With ``quality``, the model is measured every ``quality.every`` steps (sooner to confirm a
-    value at the target: `QualityCheck.next_step`) and when the loop ends
+    With ``quality``, the model is measured every ``quality.every`` steps and when the loop ends
     (on the main process; the value is shared with the others), the value shown on the progress
     bar and logged; reaching ``quality.target`` ends the loop.
     """
@@ -503,7 +491,7 @@ def run_loop(
             postfix["loss"] = f"{entry['loss']:.4f}"
             bar.set_postfix(postfix, refresh=False)
         bar.update()
-        if quality is not None and step >= quality.next_step(measured):
+        if quality is not None and step % quality.every == 0:
             value = measure()
             if reached():
                 stopped_by = "target"
