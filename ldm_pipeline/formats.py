@@ -24,7 +24,6 @@ this layout, and diffusers' ``load_lora_weights`` converts it
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import InputError
+from .files import write_atomically
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -158,14 +158,7 @@ def single_file_state_dict(pipe, dtype: torch.dtype = torch.float32) -> dict[str
 
 def _write(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
     """Save to a temporary name and rename into place: no half-written file under ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save_single_file(model: str | Path, path: str | Path, dtype: str = "fp32") -> Path:

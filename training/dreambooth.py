@@ -16,7 +16,6 @@ be decoded is reported, not used, and drawn again.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 from ldm_pipeline.data.buckets import fit_to_bucket
 from ldm_pipeline.data.decode import SkippedImage, decode_image
 from ldm_pipeline.data.sources import IMAGE_EXTENSIONS, caption_file
+from ldm_pipeline.files import write_atomically
 from ldm_pipeline.loading import load_component
 from ldm_pipeline.pipeline import LatentDiffusionPipeline
 
@@ -91,12 +91,6 @@ def _readable(folder: Path, resolution: int, default: str) -> tuple[list[np.ndar
     return arrays, captions, unreadable
 
 
-def _replace(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _free_names(folder: Path, count: int) -> list[Path]:
     names, index = [], 0
     while len(names) < count:
@@ -134,8 +128,9 @@ def _draw(
                 **extra,
             ).images
         for image, text, path in zip(images, texts, chunk, strict=True):
-            _replace(path.with_suffix(".txt"), lambda tmp, text=text: tmp.write_text(text + "\n", encoding="utf-8"))
-            _replace(path, image.save)
+            caption = path.with_suffix(".txt")
+            write_atomically(caption, lambda tmp, text=text: tmp.write_text(text + "\n", encoding="utf-8"))
+            write_atomically(path, image.save)
 
 
 def class_images(cfg: RunConfig, parts: tuple, sampler, out: Path, accelerator: Accelerator) -> ClassImages:

@@ -20,7 +20,6 @@ import json
 import os
 import random
 import re
-import tempfile
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputError
+from ..files import write_atomically
 
 ATTRIBUTION = "All emojis designed by OpenMoji – the open-source emoji and icon project. License: CC BY-SA 4.0"
 LICENSE = "cc-by-sa-4.0"
@@ -154,10 +154,7 @@ def rendered(records: list[EmojiRecord], resolution: int) -> np.ndarray:
             if json.loads(str(stored["codes"])) == codes:
                 return stored["images"]
     images = np.stack([np.asarray(render(code, resolution)) for code in codes])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz.tmp", delete=False) as tmp:
-        np.savez(tmp, images=images, codes=np.array(json.dumps(codes)))
-    os.replace(tmp.name, path)
+    write_atomically(path, lambda tmp: np.savez(tmp, images=images, codes=np.array(json.dumps(codes))))
     return images
 
 
