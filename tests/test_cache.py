@@ -87,3 +87,20 @@ def test_text_embeddings_cache(tmp_path):
     assert torch.equal(again, embeds) and len(list(tmp_path.iterdir())) == 1
     cached_texts(encoder, load_clip_tokenizer(12), ["b", "a", "b"], tmp_path)
     assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_a_models_fingerprint_is_the_same_in_every_process():
+    """diffusers keeps ``_use_default_values`` in an order that varies with the process's hash seed."""
+    code = (
+        "import torch; from ldm_pipeline.presets import build_vae; "
+        "from ldm_pipeline.training.cache import model_fingerprint; "
+        "torch.manual_seed(0); print(model_fingerprint(build_vae('tiny')))"
+    )
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": s}
+        )
+        for s in ("1", "2")
+    ]
+    assert runs[0].returncode == 0, runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout

@@ -42,9 +42,13 @@ def content_hash(*parts: torch.Tensor | str | dict | list) -> str:
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """Fingerprint of a model's config and weights: any change to either changes it."""
+    """Fingerprint of a model's config and weights: any change to either changes it.
+
+    Keys starting with "_" are bookkeeping, not the model (diffusers' ``_use_default_values`` is
+    a list made from a set, in an order that changes from one process to the next)."""
     config = getattr(model, "config", None)
     config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
     return content_hash(config, *model.state_dict().values())
 
 
