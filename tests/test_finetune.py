@@ -80,8 +80,15 @@ def test_full_finetune_from_a_saved_pipeline_skips_and_reports_broken_files(tiny
 @pytest.mark.slow
 def test_too_many_skipped_files_stop_the_run_after_writing_the_report(tiny_dir, user_folder, tmp_path):
     cfg = _config(tiny_dir, user_folder)
+    # The header scan finds 3 of 20 unusable (15%): over 10%, the run stops before any encoding.
     cfg.data.max_skipped_fraction = 0.1
-    with pytest.raises(ValueError, match=r"20.0% of the images were skipped, over data.max_skipped_fraction 10.0%"):
+    with pytest.raises(ValueError, match=r"15.0% of the images were skipped, over data.max_skipped_fraction 10.0%"):
+        train(cfg, tmp_path / "early")
+    assert len((tmp_path / "early" / "skipped_images.jsonl").read_text().splitlines()) == 3
+    assert not (tmp_path / "early" / "cache").exists()
+    # Under 18% it goes on; decoding for the cache finds the truncated file (20%) and stops.
+    cfg.data.max_skipped_fraction = 0.18
+    with pytest.raises(ValueError, match=r"20.0% of the images were skipped, over data.max_skipped_fraction 18.0%"):
         train(cfg, tmp_path)
     assert len((tmp_path / "skipped_images.jsonl").read_text().splitlines()) == 4
     assert not (tmp_path / "pipeline").exists()
@@ -193,7 +200,7 @@ def test_full_finetune_can_train_the_text_encoder_too(tiny_dir, user_folder, tmp
     before = base.text_encoder.state_dict()
     changed = [k for k, v in tuned.text_encoder.state_dict().items() if not torch.equal(v, before[k])]
     assert changed
-    assert not list((tmp_path / "cache").glob("texts-*"))  # embeddings are computed each step, not cached
+    assert not list((tmp_path / "cache").glob("text*"))  # embeddings are computed each step, not cached
 
 
 @pytest.mark.slow

@@ -82,6 +82,15 @@ class DataConfig:
     max_image_pixels: int = 64_000_000
     # Where latents and text embeddings are cached (keyed by fingerprints); None: <output>/cache.
     cache_dir: str | None = None
+    # A source's cache is written in safetensors shards of at most this many MiB, as they are
+    # encoded: a killed run keeps its finished shards, and each process writes its share.
+    shard_mb: float = 64.0
+    # DataLoader worker processes that decode and resize a source's images for the cache;
+    # None: the cores less one (at most 8); 0: decode in the training process.
+    num_workers: int | None = None
+    # Images per VAE encoder batch while caching; None: what a quarter of the free memory holds
+    # for this VAE and bucket (RAM on the CPU, the GPU's own on CUDA), at most 64.
+    encode_batch_size: int | None = None
 
 
 # diffusers.optimization.get_scheduler's names (piecewise_constant needs rules a config lacks).
@@ -433,7 +442,9 @@ def check(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"data.max_skipped_fraction: must be in [0, 1], got {d.max_skipped_fraction}")
     if len(d.background) != 3 or not all(0 <= v <= 255 for v in d.background):
         raise ConfigError(f"data.background: must be three values in 0..255, got {d.background}")
-    _positive(d, "data", ("max_image_pixels",))
+    _positive(d, "data", ("max_image_pixels", "shard_mb", "encode_batch_size"))
+    if d.num_workers is not None and d.num_workers < 0:
+        raise ConfigError(f"data.num_workers: must be >= 0, got {d.num_workers}")
     if d.source is not None and not d.source.strip():
         raise ConfigError("data.source: must not be empty")
     if cfg.unet.lora is not None:

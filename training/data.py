@@ -7,16 +7,19 @@ folder (``skipped_images.jsonl``), and buckets when ``data.bucketing`` is on.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator
 
 from ldm_pipeline.data import load_builtin
-from ldm_pipeline.data.prepare import Scan, prepare_images, scan
+from ldm_pipeline.data.buckets import Bucket, make_buckets
+from ldm_pipeline.data.prepare import Scan, assign_buckets, prepare_images, scan
 from ldm_pipeline.data.sources import load_source
 from ldm_pipeline.errors import InputError
 
@@ -45,9 +48,13 @@ class Pixels:
         return self.images[index].float() / 127.5 - 1.0
 
     def pick_captions(self, index: torch.Tensor, generator: torch.Generator) -> list[str]:
-        """One caption per image at ``index``, drawn at random where an image has several."""
-        draws = torch.rand(len(index), generator=generator).tolist()
-        return [self.captions[i][int(u * len(self.captions[i]))] for i, u in zip(index.tolist(), draws, strict=True)]
+        return pick_captions(self.captions, index, generator)
+
+
+def pick_captions(captions: list[list[str]], index: torch.Tensor, generator: torch.Generator) -> list[str]:
+    """One caption per image at ``index``, drawn at random where an image has several."""
+    draws = torch.rand(len(index), generator=generator).tolist()
+    return [captions[i][int(u * len(captions[i]))] for i, u in zip(index.tolist(), draws, strict=True)]
 
 
 @dataclass
@@ -74,13 +81,21 @@ class ImageSet:
         Raises:
             ValueError: ``batch_size`` does not split evenly over processes and micro-batches.
         """
-        processes = accelerator.num_processes
-        if batch_size % (accumulation * processes):
-            raise InputError(
-                f"batch_size {batch_size} (images per optimiser step) must be a multiple of "
-                f"{processes} process(es) × {accumulation} accumulation step(s)"
-            )
-        return BatchSampler([len(b) for b in self.buckets], batch_size // accumulation, seed, accelerator, self.buckets)
+        return micro_batches(self.buckets, batch_size, accumulation, seed, accelerator)
+
+
+def micro_batches(
+    buckets: list, batch_size: int, accumulation: int, seed: int, accelerator: Accelerator
+) -> BatchSampler:
+    """Endless micro-batches over ``buckets`` (anything with a length: `Pixels`, cached rows):
+    ``batch_size`` images per optimiser step over all processes, in ``accumulation`` draws."""
+    processes = accelerator.num_processes
+    if batch_size % (accumulation * processes):
+        raise InputError(
+            f"batch_size {batch_size} (images per optimiser step) must be a multiple of "
+            f"{processes} process(es) × {accumulation} accumulation step(s)"
+        )
+    return BatchSampler([len(b) for b in buckets], batch_size // accumulation, seed, accelerator, buckets)
 
 
 @dataclass
@@ -173,6 +188,98 @@ def _subset(found: Scan, keep: slice) -> Scan:
     return Scan(found.rows[keep], found.sizes[keep], found.captions[keep], [], len(found.rows[keep]), found.masked)
 
 
+@dataclass
+class SourceSet:
+    """A user source as the UNet stage streams it: the dataset's rows (undecoded), what the header
+    scan found, each usable row's bucket and the options that fit an image to it. Nothing is
+    decoded here; `training.source_cache` decodes each image once, into the cache."""
+
+    ds: datasets.Dataset
+    found: Scan
+    buckets: list[Bucket]
+    options: dict
+    summary: str
+    report: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.found.rows)
+
+    def report_skip(self, item: str, reason: str) -> None:
+        """Append an image skipped while caching to the run's skip report, as it happens."""
+        if self.report is not None:
+            with open(self.report, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"item": item, "reason": reason}) + "\n")
+
+
+def _scanned(
+    cfg: DataConfig,
+    report_dir: Path | None,
+    main_process: bool,
+    masks: bool,
+    default_caption: str | None,
+    headers: bool,
+) -> tuple[datasets.Dataset, Scan, str, str]:
+    """The source's rows and their scan, with the skip report written and the skip share checked."""
+    ds = load_source(cfg.source, cfg.caption_column, cfg.image_column, cfg.split, cfg.mask_column)
+    if cfg.num_samples is not None and cfg.num_samples < len(ds):
+        ds = ds.select(range(cfg.num_samples))
+    found = scan(ds, tuple(cfg.background), cfg.max_image_pixels, main_process, masks, default_caption, headers)
+    where = ""
+    if report_dir is not None and main_process:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        found.write_report(report_dir / SKIP_REPORT)
+        where = f"; skipped files and reasons in {report_dir / SKIP_REPORT}"
+    summary = f"data {cfg.source}: {found.summary()}{where}"
+    if main_process:
+        print(summary)
+    if not found.rows:
+        raise InputError(f"data.source {cfg.source}: no usable image ({found.summary()}){where}")
+    check_skipped(cfg, len(found.skipped), found.total, where)
+    return ds, found, summary, where
+
+
+def check_skipped(cfg: DataConfig, skipped: int, total: int, where: str = "") -> None:
+    """Stop when more than ``data.max_skipped_fraction`` of the rows were skipped."""
+    share = skipped / max(total, 1)
+    if share > cfg.max_skipped_fraction:
+        raise InputError(
+            f"data.source {cfg.source}: {share:.1%} of the images were skipped, over data.max_skipped_fraction "
+            f"{cfg.max_skipped_fraction:.1%}{where}"
+        )
+
+
+def _options(cfg: DataConfig, masks: bool) -> dict:
+    return {
+        "crop": cfg.crop,
+        "seed": cfg.seed,
+        "background": tuple(cfg.background),
+        "max_pixels": cfg.max_image_pixels,
+        "masks": masks,
+    }
+
+
+def load_source_set(
+    cfg: DataConfig,
+    step: int,
+    min_bucket_size: int,
+    report_dir: Path | None = None,
+    main_process: bool = True,
+    masks: bool = False,
+    default_caption: str | None = None,
+) -> SourceSet:
+    """``data.source`` scanned from the files' headers and bucketed, nothing decoded: what the
+    UNet stage caches (`training.source_cache`). Arguments as `load_images`.
+
+    Raises:
+        ValueError: no usable image, or more skipped than ``data.max_skipped_fraction``.
+    """
+    ds, found, summary, _ = _scanned(cfg, report_dir, main_process, masks, default_caption, headers=True)
+    buckets = make_buckets(cfg.resolution, step, cfg.max_aspect) if cfg.bucketing else [(cfg.resolution,) * 2]
+    chosen = assign_buckets(found.sizes, buckets, min_bucket_size)
+    report = report_dir / SKIP_REPORT if report_dir is not None and main_process else None
+    return SourceSet(ds, found, chosen, _options(cfg, masks), summary, report)
+
+
 def load_images(
     cfg: DataConfig,
     step: int,
@@ -182,7 +289,8 @@ def load_images(
     masks: bool = False,
     default_caption: str | None = None,
 ) -> tuple[ImageSet, ImageSet]:
-    """The configured data as training and held-out `ImageSet` s.
+    """The configured data as training and held-out `ImageSet` s, decoded into memory (the VAE and
+    CLIP stages train on pixels; the UNet stage streams a source through `load_source_set`).
 
     Args:
         step: bucket sides are multiples of it (VAE factor × UNet down-sampling).
@@ -197,39 +305,11 @@ def load_images(
     """
     if cfg.source is None:
         return _builtin(cfg)
-    ds = load_source(cfg.source, cfg.caption_column, cfg.image_column, cfg.split, cfg.mask_column)
-    if cfg.num_samples is not None and cfg.num_samples < len(ds):
-        ds = ds.select(range(cfg.num_samples))
-    background = tuple(cfg.background)
-    found = scan(ds, background, cfg.max_image_pixels, main_process, masks, default_caption)
-    where = ""
-    if report_dir is not None and main_process:
-        report_dir.mkdir(parents=True, exist_ok=True)
-        found.write_report(report_dir / SKIP_REPORT)
-        where = f"; skipped files and reasons in {report_dir / SKIP_REPORT}"
-    summary = f"data {cfg.source}: {found.summary()}{where}"
-    if main_process:
-        print(summary)
-    if not found.rows:
-        raise InputError(f"data.source {cfg.source}: no usable image ({found.summary()}){where}")
-    share = len(found.skipped) / max(found.total, 1)
-    if share > cfg.max_skipped_fraction:
-        raise InputError(
-            f"data.source {cfg.source}: {share:.1%} of the images were skipped, over data.max_skipped_fraction "
-            f"{cfg.max_skipped_fraction:.1%}{where}"
-        )
+    ds, found, summary, _ = _scanned(cfg, report_dir, main_process, masks, default_caption, headers=False)
     if cfg.holdout >= len(found.rows):
         raise InputError(f"data.holdout ({cfg.holdout}) must be smaller than the usable images ({len(found.rows)})")
     cut = len(found.rows) - cfg.holdout
-    options = {
-        "bucketing": cfg.bucketing,
-        "max_aspect": cfg.max_aspect,
-        "crop": cfg.crop,
-        "seed": cfg.seed,
-        "background": background,
-        "max_pixels": cfg.max_image_pixels,
-        "masks": masks,
-    }
+    options = {**_options(cfg, masks), "bucketing": cfg.bucketing, "max_aspect": cfg.max_aspect}
     train = prepare_images(
         ds, cfg.resolution, step, min_bucket_size=min_bucket_size, scanned=_subset(found, slice(0, cut)), **options
     )

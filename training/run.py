@@ -29,7 +29,7 @@ from ldm_pipeline.yaml_io import YAMLSyntaxError, read_yaml
 from .checkpoint import CheckpointError, latest_checkpoint
 from .clip import train_clip
 from .config import STAGES, ConfigError, RunConfig, geometry, save_config, to_dict
-from .data import load_images
+from .data import load_images, load_source_set
 from .loop import make_accelerator
 from .seeds import seed_of
 from .unet import train_unet
@@ -41,6 +41,9 @@ RESUMABLE_CHANGES = (
     "stages",
     "report_to",
     "data.cache_dir",
+    "data.shard_mb",
+    "data.num_workers",
+    "data.encode_batch_size",
     "max_minutes",
     "target",
     "checkpoint_every",
@@ -168,15 +171,22 @@ def train(
     # all processes) of the stages that train here is folded into its neighbour.
     batch = max(getattr(cfg, s).batch_size // getattr(cfg, s).gradient_accumulation_steps for s in stages)
     dreambooth = cfg.unet.dreambooth if "unet" in stages else None
-    train_pixels, holdout = load_images(
-        cfg.data,
-        geometry(cfg).bucket_step,
-        batch,
-        out,
-        main_process=accelerator.is_main_process,
-        masks=cfg.unet.masked_loss and "unet" in stages,
-        default_caption=dreambooth.instance_prompt if dreambooth else None,
-    )
+    data_args = {
+        "step": geometry(cfg).bucket_step,
+        "min_bucket_size": batch,
+        "report_dir": out,
+        "main_process": accelerator.is_main_process,
+        "masks": cfg.unet.masked_loss and "unet" in stages,
+        "default_caption": dreambooth.instance_prompt if dreambooth else None,
+    }
+    # The VAE and CLIP stages train on pixels in memory; the UNet stage streams a source's images
+    # once into a sharded cache (training/source_cache.py), whatever the size of the set.
+    train_pixels, holdout = None, None
+    if cfg.data.source is None or "vae" in stages or "clip" in stages:
+        train_pixels, holdout = load_images(cfg.data, **data_args)
+    unet_data = train_pixels
+    if cfg.data.source is not None and "unet" in stages:
+        unet_data = load_source_set(cfg.data, **data_args)
     report.update({"mixed_precision": accelerator.mixed_precision, "processes": accelerator.num_processes})
     resumed_stage = next((s for s in stages if points.get(s) is not None), None)
     for position, stage in enumerate(stages):
@@ -192,7 +202,7 @@ def train(
         elif stage == "clip":
             report["clip"] = train_clip(cfg, train_pixels, out, accelerator, point)
         elif stage == "unet":
-            report["unet"] = train_unet(cfg, train_pixels, out, accelerator, point)
+            report["unet"] = train_unet(cfg, unet_data, out, accelerator, point)
         else:
             raise InputError(f"unknown stage {stage!r}; stages are vae, clip, unet")
         if accelerator.is_main_process:

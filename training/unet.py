@@ -42,7 +42,7 @@ from .cache import cached_latents, cached_texts
 from .captions import CaptionEmbedder, vary_caption
 from .checkpoint import GeneratorState
 from .config import RunConfig
-from .data import Batch, ImageSet
+from .data import Batch, ImageSet, SourceSet, check_skipped, micro_batches
 from .dreambooth import class_images
 from .loop import (
     check_finite,
@@ -64,6 +64,7 @@ from .objectives import (
 )
 from .quality import adherence_check
 from .seeds import seed_of
+from .source_cache import TextRows, cached_source_latents, cached_text_shards
 from .validation import EMAViews
 
 # The scheduler config keys that define the forward process and the model's target (the rest
@@ -217,32 +218,75 @@ def save_outputs(out: Path, cfg: RunConfig, vae, text_encoder, tokenizer, model:
 
 @dataclasses.dataclass
 class Caches:
-    """The frozen models' outputs, computed once: each bucket's latent posterior, and (unless the
-    text encoder trains) every caption's embedding with its row (``""``, caption dropout, is row 0)."""
+    """The frozen models' outputs, computed once: each bucket's latent posterior (training's
+    buckets first, then DreamBooth's class images'), and (unless the text encoder trains) every
+    caption's embedding with its row (``""``, caption dropout, is row 0). A user source's are read
+    from shards on disk by row; built-in data's are tensors."""
 
-    latents: list[dict[str, torch.Tensor]]
-    embeds: torch.Tensor | None
+    buckets: list
+    latents: list[dict]
+    train: int
+    embeds: torch.Tensor | TextRows | None
     row_of: dict[str, int] | None
     minutes: float
 
 
+def _source_buckets(cfg: RunConfig, source: SourceSet, vae, cache_dir: Path, accelerator: Accelerator) -> list:
+    """The source's cached buckets that fill a batch; images lost to decoding are reported."""
+    rows, skipped, _ = cached_source_latents(vae, source, cfg.data, cache_dir, accelerator)
+    found = source.found
+    check_skipped(cfg.data, len(found.skipped) + len(skipped), found.total)
+    batch = cfg.unet.batch_size // cfg.unet.gradient_accumulation_steps
+    small = [r for r in rows if len(r) < batch]
+    if accelerator.is_main_process:
+        if skipped:
+            print(f"cache: {len(skipped)} image(s) could not be decoded and are skipped (listed in {source.report})")
+        for r in small:
+            print(
+                f"cache: bucket {r.bucket[0]}x{r.bucket[1]} has {len(r)} image(s) left, fewer than a batch: not trained"
+            )
+    kept = [r for r in rows if len(r) >= batch]
+    if not kept:
+        raise InputError(f"data.source {cfg.data.source}: no bucket holds a whole batch ({batch}) of usable images")
+    return kept
+
+
 def build_caches(
-    cfg: RunConfig, train: ImageSet, parts: tuple, out: Path, accelerator: Accelerator, prior: ImageSet | None = None
+    cfg: RunConfig,
+    train: ImageSet | SourceSet,
+    parts: tuple,
+    out: Path,
+    accelerator: Accelerator,
+    prior: ImageSet | None = None,
 ) -> Caches:
     """Encode the training images (and captions) once, or read what an earlier run cached; with
-    ``prior`` (DreamBooth's class images) those too, after the training buckets."""
+    ``prior`` (DreamBooth's class images) those too, after the training buckets. A `SourceSet`
+    is cached in shards, each process encoding its share (`training.source_cache`)."""
     vae, text_encoder, tokenizer = parts
-    buckets = train.buckets + (prior.buckets if prior is not None else [])
-    cache_dir = cfg.data.cache_dir or out / "cache"
+    cache_dir = Path(cfg.data.cache_dir or out / "cache")
     start = time.monotonic()
+    sharded = isinstance(train, SourceSet)
+    buckets = _source_buckets(cfg, train, vae, cache_dir, accelerator) if sharded else list(train.buckets)
+    latents = [b.latents for b in buckets] if sharded else []
+    count = len(buckets)
+    buckets += prior.buckets if prior is not None else []
     embeds, row_of = None, None
     with accelerator.main_process_first():  # the others then read what the main process wrote
-        latents = [cached_latents(vae, bucket, cache_dir, flip=cfg.data.random_flip) for bucket in buckets]
-        if not cfg.unet.train_text_encoder:
-            captions = sorted({t for bucket in buckets for caps in bucket.captions for t in caps})
-            embeds, text_index = cached_texts(text_encoder, tokenizer, captions, cache_dir)
-            row_of = {"": 0, **dict(zip(captions, text_index.tolist(), strict=True))}
-    return Caches(latents, embeds, row_of, (time.monotonic() - start) / 60)
+        latents += [cached_latents(vae, b, cache_dir, flip=cfg.data.random_flip) for b in buckets[len(latents) :]]
+        captions = {t for bucket in buckets for caps in bucket.captions for t in caps}
+        if not cfg.unet.train_text_encoder and not sharded:
+            embeds, text_index = cached_texts(text_encoder, tokenizer, sorted(captions), cache_dir)
+            row_of = {"": 0, **dict(zip(sorted(captions), text_index.tolist(), strict=True))}
+    if not cfg.unet.train_text_encoder and sharded:
+        shard_mb = cfg.data.shard_mb
+        embeds, row_of = cached_text_shards(text_encoder, tokenizer, captions, cache_dir, shard_mb, accelerator)
+    return Caches(buckets, latents, count, embeds, row_of, (time.monotonic() - start) / 60)
+
+
+def bucket_name(bucket) -> str:
+    """A bucket's "WxH" (`Pixels` or cached rows)."""
+    width, height = bucket.bucket if hasattr(bucket, "bucket") else bucket.images.shape[:-3:-1]
+    return f"{width}x{height}"
 
 
 class DenoisingLoss:
@@ -272,12 +316,15 @@ class DenoisingLoss:
         # Training's forward process is the saved sampler's noise schedule.
         self.noise_scheduler = DDPMScheduler.from_config(sampler.config)
         self.channels_last = uses_channels_last(self.c.memory_format)
-        self.batches = train.batches(
-            self.c.batch_size, self.c.gradient_accumulation_steps, seed_of(cfg.seed, "unet.batches"), accelerator
+        self.batches = micro_batches(
+            caches.buckets[: caches.train],
+            self.c.batch_size,
+            self.c.gradient_accumulation_steps,
+            seed_of(cfg.seed, "unet.batches"),
+            accelerator,
         )
         self.generator = torch.Generator().manual_seed(seed_of(cfg.seed, "unet.noise"))
-        buckets = train.buckets + (prior.buckets if prior is not None else [])
-        self.latents_of = {id(bucket): cache for bucket, cache in zip(buckets, caches.latents, strict=True)}
+        self.latents_of = {id(b): cache for b, cache in zip(caches.buckets, caches.latents, strict=True)}
         # DreamBooth's prior preservation: a batch of class images beside each batch of the subject's.
         self.prior_batches = None
         if prior is not None:
@@ -392,7 +439,7 @@ class DenoisingLoss:
 
 
 def train_unet(
-    cfg: RunConfig, train: ImageSet, out: Path, accelerator: Accelerator, resume: Path | None = None
+    cfg: RunConfig, train: ImageSet | SourceSet, out: Path, accelerator: Accelerator, resume: Path | None = None
 ) -> dict:
     """Train the UNet (or its LoRA) and save a pipeline folder to ``out/pipeline`` (``out/lora``)."""
     c = cfg.unet
@@ -451,8 +498,8 @@ def train_unet(
         "cache_seconds": round(caches.minutes * 60, 3),
         "final_loss": result.final_loss,
         "skipped_steps": result.skipped,
-        "images": len(train),
-        "buckets": {f"{w}x{h}": len(b) for (h, w), b in zip(train.shapes, train.buckets, strict=True)},
+        "images": sum(len(b) for b in caches.buckets[: caches.train]),
+        "buckets": {bucket_name(b): len(b) for b in caches.buckets[: caches.train]},
         **result.quality_report(check),
     }
     if loss.embed is not None and loss.varies:

@@ -8,7 +8,9 @@ the report: every skipped row is a `Skipped` with its path (or row number) and r
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .buckets import Bucket, fit_to_bucket, make_buckets, nearest_bucket
-from .decode import DEFAULT_MAX_PIXELS, SkippedImage, decode_image
+from .decode import DEFAULT_MAX_PIXELS, SkippedImage, decode_image, probe_image
 from .sources import captions_of, describe, mask_beside
 
 NO_CAPTION = "no caption (empty, no .txt file, or not listed in the metadata file)"
@@ -45,6 +47,9 @@ class Scan:
     total: int = 0
     # With masks: how many usable images have a loss mask (the rest train on the whole image).
     masked: int = 0
+    # SHA-256 over the usable rows' files (path, size, modification time; or the bytes' hash) and
+    # masks, in order: what a cache of their encodings is keyed by (captions are not in it).
+    fingerprint: str = ""
 
     def summary(self) -> str:
         """One line: how many rows are usable and why the others are not."""
@@ -71,6 +76,12 @@ def mask_cell(item: dict) -> str | dict | None:
     return mask_beside(image.get("path") if isinstance(image, dict) else image)
 
 
+def _same_aspect(mask: tuple[int, int], image: tuple[int, int]) -> None:
+    (w, h), (mw, mh) = image, mask
+    if abs(mw * h - w * mh) > 0.01 * w * mh:
+        raise SkippedImage(f"loss mask is {mw}x{mh}, the image {w}x{h} (another aspect ratio)")
+
+
 def decode_mask(
     cell: str | dict, size: tuple[int, int], background: tuple[int, int, int], max_pixels: int
 ) -> Image.Image:
@@ -84,11 +95,18 @@ def decode_mask(
     except SkippedImage as err:
         raise SkippedImage(f"unusable loss mask: {err.reason}") from err
     if mask.size != size:
-        (w, h), (mw, mh) = size, mask.size
-        if abs(mw * h - w * mh) > 0.01 * w * mh:
-            raise SkippedImage(f"loss mask is {mw}x{mh}, the image {w}x{h} (another aspect ratio)")
+        _same_aspect(mask.size, size)
         mask = mask.resize(size, Image.Resampling.BILINEAR)
     return mask
+
+
+def _probe_mask(cell: str | dict, size: tuple[int, int], max_pixels: int) -> None:
+    """`decode_mask`'s checks that a header answers (the mask's own decode comes later)."""
+    try:
+        found = probe_image(cell, max_pixels)
+    except SkippedImage as err:
+        raise SkippedImage(f"unusable loss mask: {err.reason}") from err
+    _same_aspect(found, size)
 
 
 def scan(
@@ -98,15 +116,21 @@ def scan(
     progress: bool = True,
     masks: bool = False,
     default_caption: str | None = None,
+    headers_only: bool = False,
 ) -> Scan:
     """Decode every row of a `load_source` dataset; keep sizes of the usable ones.
 
     Args:
         masks: also decode each row's loss mask (`mask_cell`); a broken mask skips its row.
         default_caption: the caption of rows that have none (DreamBooth's instance prompt).
+        headers_only: read each image's size from its header (`probe_image`) instead of decoding
+            it: rows whose data is broken past the header are then found, and reported, when
+            they are decoded for the cache.
     """
     result = Scan(total=len(ds))
-    for row, item in enumerate(tqdm(ds, desc="decode images", disable=not progress, leave=False)):
+    digest = hashlib.sha256()
+    what = "read image headers" if headers_only else "decode images"
+    for row, item in enumerate(tqdm(ds, desc=what, unit="img", disable=not progress, leave=False)):
         name = describe(item["image"], row)
         if item.get("skip"):
             result.skipped.append(Skipped(name, item["skip"]))
@@ -116,18 +140,42 @@ def scan(
             result.skipped.append(Skipped(name, NO_CAPTION))
             continue
         try:
-            image = decode_image(item["image"], background, max_pixels)
             cell = mask_cell(item) if masks else None
-            if cell is not None:
-                decode_mask(cell, image.size, background, max_pixels)
+            if headers_only:
+                size = probe_image(item["image"], max_pixels)
+                if cell is not None:
+                    _probe_mask(cell, size, max_pixels)
+            else:
+                size = decode_image(item["image"], background, max_pixels).size
+                if cell is not None:
+                    decode_mask(cell, size, background, max_pixels)
         except SkippedImage as err:
             result.skipped.append(Skipped(name, err.reason))
             continue
         result.rows.append(row)
-        result.sizes.append(image.size)
+        result.sizes.append(size)
         result.captions.append(captions)
         result.masked += cell is not None
+        identity = [file_identity(item["image"]), file_identity(cell) if cell else None]
+        digest.update(json.dumps(identity).encode())
+    result.fingerprint = digest.hexdigest()[:16]
     return result
+
+
+def file_identity(cell: str | bytes | dict | None) -> str:
+    """What names a file's content without reading it: path, size and modification time (or,
+    for bytes held in a table or dataset, their hash)."""
+    if isinstance(cell, dict):
+        cell = cell.get("bytes") or cell.get("path")
+    if isinstance(cell, bytes):
+        return "sha256:" + hashlib.sha256(cell).hexdigest()
+    if cell is None:
+        return "none"
+    try:
+        stat = os.stat(cell)
+    except OSError:
+        return f"{cell}:missing"
+    return f"{os.path.abspath(cell)}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def assign_buckets(sizes: list[tuple[int, int]], buckets: list[Bucket], min_count: int) -> list[Bucket]:
