@@ -217,3 +217,25 @@ def test_a_pretrained_model_with_another_prediction_type_is_not_silently_retarge
     report = train(_config(base, user_folder, prediction_type="v_prediction"), tmp_path / "run2")
     tuned = LatentDiffusionPipeline.from_pretrained(tmp_path / "run2" / "pipeline")
     assert report["unet"]["steps"] == 3 and tuned.scheduler.config.prediction_type == "v_prediction"
+
+
+@pytest.mark.slow
+def test_encoding_in_the_loop_trains_writes_no_latent_cache_and_resumes_exactly(tiny_dir, user_folder, tmp_path):
+    import shutil as sh
+
+    cfg = _config(tiny_dir, user_folder, steps=4, checkpoint_every=2, checkpoint_keep=3)
+    cfg.data.cache = "none"
+    cfg.data.random_flip = True
+    whole = train(cfg, tmp_path / "whole")
+    assert whole["unet"]["steps"] == 4 and whole["unet"]["images"] == 17  # the truncated file is not found yet
+    assert not list((tmp_path / "whole" / "cache").glob("latent-shards-*"))
+    step2 = tmp_path / "whole" / "checkpoints" / "unet" / "step-00000002"
+    assert step2.is_dir()
+    again = tmp_path / "again"
+    (again / "checkpoints" / "unet").mkdir(parents=True)
+    sh.copytree(step2, again / "checkpoints" / "unet" / step2.name)
+    sh.copy(tmp_path / "whole" / "config.yaml", again / "config.yaml")
+    train(cfg, again, resume=str(again / "checkpoints" / "unet" / step2.name))
+    first = load_file(next((tmp_path / "whole" / "pipeline" / "unet").glob("*.safetensors")))
+    second = load_file(next((again / "pipeline" / "unet").glob("*.safetensors")))
+    assert all(torch.equal(first[k], second[k]) for k in first)

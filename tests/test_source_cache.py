@@ -245,3 +245,31 @@ def test_encoder_batch_follows_memory_and_out_of_memory_names_the_setting(folder
     ):
         cached_source_latents(vae, source, cfg, tmp_path / "cache", _one())
     assert not list((tmp_path / "cache").glob("*/*.safetensors"))
+
+
+def test_encoding_in_the_loop_gives_the_caches_latents_and_stands_in_for_a_broken_image(folder, vae, tmp_path):
+    from ldm_pipeline.training.data import micro_batches
+    from ldm_pipeline.training.in_loop import InLoopEncoder
+
+    cfg, source = _source(folder, tmp_path, random_flip=True)
+    cached, _, _ = cached_source_latents(vae, source, cfg, tmp_path / "cache", _one())
+    by_caption = {(b.bucket, c[0]): (b, i) for b in cached for i, c in enumerate(b.captions)}
+    (tmp_path / "skipped_images.jsonl").write_text("")
+    encoder = InLoopEncoder(vae, source, flip=True, workers=1)
+    rows = encoder.buckets()
+    assert sorted(len(r) for r in rows) == [7, 8]  # the truncated file is only found when decoded
+    encoder.sampler = micro_batches(rows, 4, 1, 3, _one())
+    stood_in = 0
+    for _ in range(8):
+        batch = next(encoder.sampler)
+        got = batch.pixels.latents["mean_flipped"][batch.index]
+        for j, i in enumerate(batch.index.tolist()):
+            caption = batch.pixels.captions[i][0]
+            if caption == "a cut file":
+                stood_in += 1
+                assert any(torch.equal(got[j], got[k]) for k in range(len(got)) if k != j)
+                continue
+            bucket, row = by_caption[(batch.pixels.bucket, caption)]
+            torch.testing.assert_close(got[j], bucket.latents["mean_flipped"][row], rtol=1e-4, atol=1e-5)
+    assert stood_in > 0
+    assert "cut.jpg" in (tmp_path / "skipped_images.jsonl").read_text()

@@ -44,6 +44,7 @@ from .checkpoint import GeneratorState
 from .config import RunConfig
 from .data import Batch, ImageSet, SourceSet, check_skipped, micro_batches
 from .dreambooth import class_images
+from .in_loop import InLoopEncoder
 from .loop import (
     check_finite,
     make_optimizer,
@@ -229,6 +230,8 @@ class Caches:
     embeds: torch.Tensor | TextRows | None
     row_of: dict[str, int] | None
     minutes: float
+    # data.cache: none: the encoder of the source's batches, fed the training batch sequence.
+    in_loop: InLoopEncoder | None = None
 
 
 def _source_buckets(cfg: RunConfig, source: SourceSet, vae, cache_dir: Path, accelerator: Accelerator) -> list:
@@ -266,7 +269,14 @@ def build_caches(
     cache_dir = Path(cfg.data.cache_dir or out / "cache")
     start = time.monotonic()
     sharded = isinstance(train, SourceSet)
-    buckets = _source_buckets(cfg, train, vae, cache_dir, accelerator) if sharded else list(train.buckets)
+    in_loop = None
+    if sharded and cfg.data.cache == "none":
+        in_loop = InLoopEncoder(vae, train, cfg.data.random_flip, cfg.data.num_workers)
+        buckets = in_loop.buckets()
+    elif sharded:
+        buckets = _source_buckets(cfg, train, vae, cache_dir, accelerator)
+    else:
+        buckets = list(train.buckets)
     latents = [b.latents for b in buckets] if sharded else []
     count = len(buckets)
     buckets += prior.buckets if prior is not None else []
@@ -278,9 +288,10 @@ def build_caches(
             embeds, text_index = cached_texts(text_encoder, tokenizer, sorted(captions), cache_dir)
             row_of = {"": 0, **dict(zip(sorted(captions), text_index.tolist(), strict=True))}
     if not cfg.unet.train_text_encoder and sharded:
+        ahead = set() if in_loop is not None else captions  # in the loop: the embedder encodes them
         shard_mb = cfg.data.shard_mb
-        embeds, row_of = cached_text_shards(text_encoder, tokenizer, captions, cache_dir, shard_mb, accelerator)
-    return Caches(buckets, latents, count, embeds, row_of, (time.monotonic() - start) / 60)
+        embeds, row_of = cached_text_shards(text_encoder, tokenizer, ahead, cache_dir, shard_mb, accelerator)
+    return Caches(buckets, latents, count, embeds, row_of, (time.monotonic() - start) / 60, in_loop)
 
 
 def bucket_name(bucket) -> str:
@@ -323,6 +334,8 @@ class DenoisingLoss:
             seed_of(cfg.seed, "unet.batches"),
             accelerator,
         )
+        if caches.in_loop is not None:
+            caches.in_loop.sampler = self.batches
         self.generator = torch.Generator().manual_seed(seed_of(cfg.seed, "unet.noise"))
         self.latents_of = {id(b): cache for b, cache in zip(caches.buckets, caches.latents, strict=True)}
         # DreamBooth's prior preservation: a batch of class images beside each batch of the subject's.

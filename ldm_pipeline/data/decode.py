@@ -31,7 +31,10 @@ class SkippedImage(ValueError):
 
 
 def _read(source: str | bytes | dict | os.PathLike) -> bytes:
-    """The file's bytes from a path, raw bytes, or a ``datasets`` Image cell ``{"bytes", "path"}``."""
+    """The file's bytes from a path, raw bytes, a ``datasets`` Image cell ``{"bytes", "path"}``, or
+    a tar member's cell ``{"path", "offset", "size"}`` (`ldm_pipeline.data.archives`)."""
+    if isinstance(source, dict) and source.get("offset") is not None:
+        return _read_member(source["path"], source["offset"], source["size"])
     if isinstance(source, dict):
         source = source.get("bytes") or source.get("path")
         if source is None:
@@ -45,6 +48,19 @@ def _read(source: str | bytes | dict | os.PathLike) -> bytes:
         raise SkippedImage("file not found") from err
     except OSError as err:
         raise SkippedImage(f"unreadable file: {err.strerror or err}") from err
+
+
+def _read_member(path: str, offset: int, size: int) -> bytes:
+    """``size`` bytes at ``offset`` of an archive: one member, nothing else of the file read."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+    except OSError as err:
+        raise SkippedImage(f"unreadable tar shard: {err.strerror or err}") from err
+    if len(data) < size:
+        raise SkippedImage(f"truncated tar member: {len(data)} of {size} bytes")
+    return data
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:

@@ -73,6 +73,8 @@ def mask_cell(item: dict) -> str | dict | None:
     if item.get("mask"):
         return item["mask"]
     image = item["image"]
+    if isinstance(image, dict) and image.get("member"):
+        return None  # a tar member: masks come from a table's or dataset's column
     return mask_beside(image.get("path") if isinstance(image, dict) else image)
 
 
@@ -165,6 +167,8 @@ def scan(
 def file_identity(cell: str | bytes | dict | None) -> str:
     """What names a file's content without reading it: path, size and modification time (or,
     for bytes held in a table or dataset, their hash)."""
+    if isinstance(cell, dict) and cell.get("offset") is not None:  # a tar member
+        return f"{file_identity(cell['path'])}@{cell['offset']}+{cell['size']}"
     if isinstance(cell, dict):
         cell = cell.get("bytes") or cell.get("path")
     if isinstance(cell, bytes):

@@ -6,6 +6,8 @@ One call, whatever the source (`load_source`):
 - a folder of images with a same-name ``.txt`` caption beside each;
 - a CSV, JSONL or Parquet file of image paths (relative to the file) and captions;
 - a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``;
+- WebDataset tar shards: a folder of ``.tar`` files, a glob or a brace pattern
+  (``shards/{00000..00099}.tar``), read by offset (`ldm_pipeline.data.archives`);
 - a Hub dataset id (the same ``load_dataset`` path as the imagefolder case).
 
 Images are left undecoded (``datasets.Image(decode=False)``: a path or the bytes) so that
@@ -24,6 +26,7 @@ from pathlib import Path
 import datasets
 
 from ..errors import InputError
+from .archives import load_tar_shards, tar_shards
 from .tables import TABLE_SUFFIXES, TableError, read_table
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -203,6 +206,33 @@ def _with_unlisted(ds: datasets.Dataset, folder: Path) -> datasets.Dataset:
     return datasets.concatenate_datasets([ds, extra])
 
 
+def _holds_image_bytes(path: Path, image_column: str | None) -> bool:
+    """Whether a Parquet file's image column holds the images themselves (not paths)."""
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        schema = pyarrow.parquet.read_schema(path)
+    except (pyarrow.ArrowException, OSError) as err:
+        raise SourceError(f"{path}: not a readable Parquet file: {err}") from err
+    column = _pick(schema.names, image_column, IMAGE_COLUMNS, "image", str(path))
+    kind = schema.field(column).type
+    return not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind))
+
+
+def _parquet_with_bytes(
+    path: Path, image_column: str | None, caption_column: str | None, mask_column: str | None
+) -> datasets.Dataset:
+    """A Parquet file of image bytes, converted once to ``datasets``' Arrow cache and read from it
+    memory-mapped, row by row: the images are never all in memory (a table of paths is read
+    whole, as it is small)."""
+    try:
+        ds = datasets.Dataset.from_parquet(str(path))
+    except (OSError, ValueError) as err:
+        raise SourceError(f"{path}: not a readable Parquet file: {err}") from err
+    return _normalise(ds, image_column, caption_column, str(path), mask_column)
+
+
 def _split(ds: datasets.Dataset | datasets.DatasetDict, split: str, source: str) -> datasets.Dataset:
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
@@ -233,6 +263,11 @@ def load_source(
     """
     name = str(source)
     path = Path(source)
+    tars = tar_shards(name)
+    if tars is not None:
+        if mask_column:
+            raise SourceError(f"{name}: data.mask_column is not read from tar shards")
+        return load_tar_shards(tars)
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
             try:
@@ -250,6 +285,8 @@ def load_source(
     if path.is_file():
         if path.suffix.lower() not in TABLE_SUFFIXES:
             raise SourceError(f"{name}: a file source must be one of {list(TABLE_SUFFIXES)}")
+        if path.suffix.lower() == ".parquet" and _holds_image_bytes(path, image_column):
+            return _parquet_with_bytes(path, image_column, caption_column, mask_column)
         return _table(path, image_column, caption_column, within=None, mask_column=mask_column)
     # Not a file or folder here: a Hub id ("name" or "owner/name") or a mistyped path.
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
@@ -270,6 +307,8 @@ def captions_of(value: str | list | None) -> list[str]:
 
 
 def describe(cell: dict, row: int) -> str:
-    """How a report names an image: its path, else its row."""
+    """How a report names an image: its path (a tar member's: ``shard.tar:member``), else its row."""
     path = cell.get("path") if isinstance(cell, dict) else None
+    if path and cell.get("member"):
+        return f"{path}:{cell['member']}"
     return path or f"row {row}"
