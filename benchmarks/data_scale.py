@@ -22,7 +22,8 @@ Usage::
     python benchmarks/data_scale.py train --n 1000 --model small --work /tmp/scale
     python benchmarks/data_scale.py check --n 10000 --work /tmp/scale
     python benchmarks/data_scale.py resume --n 1000 --kill-after 40 --work /tmp/scale
-    python benchmarks/data_scale.py train --n 200 --model sd15 --work /tmp/scale --set unet.batch_size=1
+    python benchmarks/data_scale.py train --n 200 --square --model sd15 --work /tmp/scale \\
+        --set unet.batch_size=1 --set data.random_flip=false
 """
 
 from __future__ import annotations
@@ -70,17 +71,19 @@ def _one_image(args: tuple[Path, int]) -> None:
     canvas.save(folder / "images" / f"{i:06d}.jpg", quality=85)
 
 
-def make_images(work: Path, n: int) -> Path:
-    """``work/images`` holding at least ``n`` JPEGs and ``work/first-<n>.csv`` listing the first n."""
+def make_images(work: Path, n: int, square: bool = False) -> Path:
+    """``work/images`` holding enough JPEGs and ``work/first-<n>.csv`` listing the first n (with
+    ``square``, ``first-<n>-square.csv``: the first n square ones)."""
     (work / "images").mkdir(parents=True, exist_ok=True)
     have = len(list((work / "images").glob("*.jpg")))
-    if have < n:
+    needed = n * len(ASPECTS) if square else n
+    if have < needed:
         with Pool(os.cpu_count()) as pool:
-            pool.map(_one_image, [(work, i) for i in range(have, n)], chunksize=64)
-    table = work / f"first-{n}.csv"
+            pool.map(_one_image, [(work, i) for i in range(have, needed)], chunksize=64)
+    table = work / (f"first-{n}-square.csv" if square else f"first-{n}.csv")
     if not table.exists():
         lines = ["file_name,text"]
-        for i in range(n):
+        for i in range(0, needed, len(ASPECTS) if square else 1):
             colour, shape = list(COLOURS)[i % 4], SHAPES[(i // 4) % 3]
             lines.append(f"images/{i:06d}.jpg,a {colour} {shape} on a gradient background number {i}")
         table.write_text("\n".join(lines) + "\n")
@@ -180,17 +183,17 @@ def _cache_tensors(cache: Path) -> dict:
 
 def run(args) -> dict:
     work = Path(args.work)
-    table = make_images(work, args.n)
+    table = make_images(work, args.n, args.square)
     result = {"n": args.n, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
     result["cpu"] = _cpu_name()
     if args.command == "check":
         result["check"] = _timed(["ldm", "data", "check", str(table), "--resolution", "512"])
         return result
     pipeline = make_pipeline(work, args.model)
-    out = work / f"run-{args.model}-{args.n}-p{args.processes}-w{args.workers}"
+    out = work / f"run-{args.model}-{args.n}{'-square' if args.square else ''}-p{args.processes}-w{args.workers}"
     shutil.rmtree(out, ignore_errors=True)
     command, env = _train_command(args, table, pipeline, out)
-    result.update({"model": args.model, "processes": args.processes, "workers": args.workers})
+    result.update({"model": args.model, "processes": args.processes, "workers": args.workers, "set": args.set})
     if args.command == "train":
         result["train"] = _timed(command, env)
     else:
@@ -233,6 +236,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--workers", type=int, default=None, help="data.num_workers (default: the project's)")
     parser.add_argument("--kill-after", type=float, default=30.0, help="resume: seconds before the SIGKILL")
+    parser.add_argument("--square", action="store_true", help="square images only (aspect 1:1)")
     parser.add_argument("--set", action="append", default=[], help="more key=value overrides")
     parser.add_argument("--out", type=Path, default=None, help="append the result as a JSON line here")
     args = parser.parse_args()

@@ -126,3 +126,50 @@ def test_a_parquet_file_of_image_bytes_is_read_row_by_row(tmp_path, layout):
     found = scan(ds, progress=False, headers_only=True)
     assert len(found.rows) == 5 and found.skipped[0].reason == "not an image file"
     assert np.array_equal(np.asarray(decode_image(ds[3]["image"])), np.asarray(Image.open(io.BytesIO(images[3]))))
+
+
+def test_a_local_dataset_read_as_a_stream_is_cached_in_one_more_pass(tmp_path):
+    import datasets
+
+    folder = tmp_path / "imagefolder"
+    folder.mkdir()
+    lines = []
+    for i in range(7):
+        (folder / f"{i}.jpg").write_bytes(_image(i))
+        lines.append(json.dumps({"file_name": f"{i}.jpg", "text": f"picture {i}"}))
+    (folder / "6.jpg").write_bytes(_image(6)[:1200])  # found when decoded
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    ds = load_source(str(folder), streaming=True)
+    assert isinstance(ds, datasets.IterableDataset) and {"image", "text", "skip"} <= set(ds.column_names)
+    torch.manual_seed(0)
+    vae = build_vae("tiny").eval()
+    one = SimpleNamespace(process_index=0, num_processes=1, is_main_process=True)
+    got = {}
+    for streaming in (True, False):
+        cfg = DataConfig(source=str(folder), resolution=32, streaming=streaming, num_workers=2, shard_mb=0.002)
+        source = load_source_set(cfg, step=8, min_bucket_size=1, report_dir=tmp_path / str(streaming))
+        assert source.found.total == 7 and len(source) == 7
+        (rows,), skipped, _ = cached_source_latents(vae, source, cfg, tmp_path / f"cache-{streaming}", one)
+        assert [s["item"].rsplit("/", 1)[-1] for s in skipped] == ["6.jpg"] and len(rows) == 6
+        got[streaming] = {c[0]: rows.latents["mean"][[i]] for i, c in enumerate(rows.captions)}
+    assert got[True].keys() == got[False].keys()
+    for caption, mean in got[True].items():
+        torch.testing.assert_close(mean, got[False][caption], rtol=1e-4, atol=1e-5)
+
+
+def test_data_settings_that_cannot_work_together_are_refused_by_name():
+    from ldm_pipeline.training.config import ConfigError, config_from_dict
+
+    cases = [
+        ({"source": "x", "streaming": True, "cache": "none"}, ["unet"], "data.cache: none draws batches at random"),
+        ({"source": "x", "streaming": True}, ["vae", "clip", "unet"], "data.streaming: the vae and clip stages"),
+        ({"streaming": True}, ["unet"], "data.streaming: needs a data.source"),
+        ({"cache": "none"}, ["unet"], "data.cache: none encodes a data.source"),
+        ({"source": "x", "cache": "ram"}, ["unet"], r"data.cache: must be one of \['disk', 'none'\]"),
+        ({"source": "x", "num_workers": -1}, ["unet"], "data.num_workers: must be >= 0"),
+        ({"source": "x", "encode_batch_size": 0}, ["unet"], "data.encode_batch_size: must be positive"),
+        ({"source": "x", "shard_mb": 0}, ["unet"], "data.shard_mb: must be positive"),
+    ]
+    for data, stages, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict({"model": "tiny", "stages": stages, "data": data})

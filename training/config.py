@@ -82,6 +82,9 @@ class DataConfig:
     max_image_pixels: int = 64_000_000
     # Where latents and text embeddings are cached (keyed by fingerprints); None: <output>/cache.
     cache_dir: str | None = None
+    # Read data.source as a stream (datasets' IterableDataset: a Hub dataset, an imagefolder or a
+    # table file), nothing downloaded or converted whole; the UNet stage's cache is made from it.
+    streaming: bool = False
     # disk: a source's latents and caption embeddings are cached before the UNet trains; none:
     # encoded in the loop from prefetching workers (for a run shorter than one pass over the set).
     cache: Literal["disk", "none"] = "disk"
@@ -446,10 +449,18 @@ def check(cfg: RunConfig) -> RunConfig:
     if len(d.background) != 3 or not all(0 <= v <= 255 for v in d.background):
         raise ConfigError(f"data.background: must be three values in 0..255, got {d.background}")
     _positive(d, "data", ("max_image_pixels", "shard_mb", "encode_batch_size"))
-    if d.cache not in ("disk", "none"):
-        raise ConfigError(f"data.cache: must be 'disk' or 'none', got {d.cache!r}")
     if d.cache == "none" and d.source is None:
         raise ConfigError("data.cache: none encodes a data.source in the loop; built-in data is cached in memory")
+    if d.streaming and d.source is None:
+        raise ConfigError("data.streaming: needs a data.source to stream")
+    if d.streaming and d.cache == "none":
+        raise ConfigError(
+            "data.cache: none draws batches at random, which a stream cannot; cache it (data.cache: disk)"
+        )
+    if d.streaming and (set(cfg.stages) & {"vae", "clip"}):
+        raise ConfigError(
+            "data.streaming: the vae and clip stages train on images in memory; stream only for stages: [unet]"
+        )
     if d.num_workers is not None and d.num_workers < 0:
         raise ConfigError(f"data.num_workers: must be >= 0, got {d.num_workers}")
     if d.source is not None and not d.source.strip():

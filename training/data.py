@@ -220,8 +220,11 @@ def _scanned(
     headers: bool,
 ) -> tuple[datasets.Dataset, Scan, str, str]:
     """The source's rows and their scan, with the skip report written and the skip share checked."""
-    ds = load_source(cfg.source, cfg.caption_column, cfg.image_column, cfg.split, cfg.mask_column)
-    if cfg.num_samples is not None and cfg.num_samples < len(ds):
+    ds = load_source(cfg.source, cfg.caption_column, cfg.image_column, cfg.split, cfg.mask_column, cfg.streaming)
+    if isinstance(ds, datasets.IterableDataset):
+        if cfg.num_samples is not None:
+            ds = ds.take(cfg.num_samples)
+    elif cfg.num_samples is not None and cfg.num_samples < len(ds):
         ds = ds.select(range(cfg.num_samples))
     found = scan(ds, tuple(cfg.background), cfg.max_image_pixels, main_process, masks, default_caption, headers)
     where = ""

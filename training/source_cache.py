@@ -14,13 +14,16 @@ run's report as it happens and kept in its shard's metadata, so a resumed cache 
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import psutil
 import torch
 import torch.nn.functional as F
@@ -105,23 +108,27 @@ class _Decoded(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
-        it, o = self.items[i], self.o
-        item = self.ds[it.row]
-        out = {"position": it.position, "name": describe(item["image"], it.row), "skip": None, "mask": None}
-        scale = max(it.bucket[0] / it.size[0], it.bucket[1] / it.size[1])
-        cover = (max(1, round(it.size[0] * scale)), max(1, round(it.size[1] * scale)))
-        try:
-            image = decode_image(item["image"], o["background"], o["max_pixels"], draft=cover)
-            rng = random.Random(f"{o['seed']}/{it.row}")
-            same = random.Random(f"{o['seed']}/{it.row}")
-            out["pixels"] = torch.from_numpy(fit_to_bucket(image, it.bucket, o["crop"], rng).copy()).permute(2, 0, 1)
-            cell = mask_cell(item) if o["masks"] else None
-            if cell is not None:
-                mask = decode_mask(cell, image.size, o["background"], o["max_pixels"])
-                out["mask"] = torch.from_numpy(fit_to_bucket(mask, it.bucket, o["crop"], same).copy())[None]
-        except SkippedImage as err:
-            out["pixels"], out["skip"] = None, err.reason
-        return out
+        return decode_row(self.ds[self.items[i].row], self.items[i], self.o)
+
+
+def decode_row(item: dict, it: _Item, o: dict) -> dict:
+    """One source row decoded and fitted to its bucket: ``pixels`` (uint8 ``[3, H, W]``) and
+    ``mask``, or ``skip``, the reason it cannot be used."""
+    out = {"position": it.position, "name": describe(item["image"], it.row), "skip": None, "mask": None}
+    scale = max(it.bucket[0] / it.size[0], it.bucket[1] / it.size[1])
+    cover = (max(1, round(it.size[0] * scale)), max(1, round(it.size[1] * scale)))
+    try:
+        image = decode_image(item["image"], o["background"], o["max_pixels"], draft=cover)
+        rng = random.Random(f"{o['seed']}/{it.row}")
+        same = random.Random(f"{o['seed']}/{it.row}")
+        out["pixels"] = torch.from_numpy(fit_to_bucket(image, it.bucket, o["crop"], rng).copy()).permute(2, 0, 1)
+        cell = mask_cell(item) if o["masks"] else None
+        if cell is not None:
+            mask = decode_mask(cell, image.size, o["background"], o["max_pixels"])
+            out["mask"] = torch.from_numpy(fit_to_bucket(mask, it.bucket, o["crop"], same).copy())[None]
+    except SkippedImage as err:
+        out["pixels"], out["skip"] = None, err.reason
+    return out
 
 
 def _out_of_memory(err: RuntimeError) -> bool:
@@ -208,6 +215,9 @@ def _encode_shards(
     if not items:
         return
     workers = default_workers() if cfg.num_workers is None else cfg.num_workers
+    if isinstance(source.ds, datasets.IterableDataset):
+        _encode_streamed(source, vae, todo, folder, cfg, report, items, batches, owner, workers)
+        return
     loader = torch.utils.data.DataLoader(
         _Decoded(source, items),
         batch_sampler=batches,
@@ -224,6 +234,52 @@ def _encode_shards(
             if last:
                 bucket, plan = todo[k]
                 builder.write(folder / plan.name, bucket)
+
+
+def _encode_streamed(
+    source: SourceSet, vae, todo, folder: Path, cfg: DataConfig, report, items, batches, owner, workers
+):
+    """`_encode_shards` for a stream (``data.streaming``): one more pass over it, in its order,
+    decoding the rows of this process's unfinished shards in threads (Pillow releases the GIL).
+    A shard's rows are a run of its bucket's rows, so shards fill one after another: memory holds
+    about one shard per bucket, and the decodes in flight."""
+    batch_of = {i: b for b, members in enumerate(batches) for i in members}
+    wanted = {it.row: i for i, it in enumerate(items)}
+    decoded: dict[int, list[dict]] = {}
+    builder = {
+        k: _ShardBuilder(vae, cfg.random_flip, source.options["masks"], cfg.encode_batch_size) for k in range(len(todo))
+    }
+    vae.eval()
+
+    def finish(i: int, sample: dict) -> None:
+        b = batch_of[i]
+        decoded.setdefault(b, []).append(sample)
+        if len(decoded[b]) < len(batches[b]):
+            return
+        k, last = owner[b]
+        builder[k].add(sorted(decoded.pop(b), key=lambda s: s["position"]), report)
+        if last:
+            bucket, plan = todo[k]
+            builder.pop(k).write(folder / plan.name, bucket)
+
+    pending: collections.deque = collections.deque()
+    with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(items), desc="cache latents", unit="img") as bar:
+        for row, item in enumerate(source.ds):
+            if row in wanted:
+                i = wanted[row]
+                pending.append((i, pool.submit(decode_row, item, items[i], source.options)))
+            while pending and (len(pending) > 4 * max(1, workers) or pending[0][1].done()):
+                i, future = pending.popleft()
+                finish(i, future.result())
+                bar.update(1)
+        for i, future in pending:
+            finish(i, future.result())
+            bar.update(1)
+    if builder:
+        raise InputError(
+            f"data.source {cfg.source}: the stream ended before {len(builder)} shard(s) were filled; "
+            "it must give the same rows on every pass"
+        )
 
 
 @dataclass

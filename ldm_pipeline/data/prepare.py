@@ -129,10 +129,11 @@ def scan(
             it: rows whose data is broken past the header are then found, and reported, when
             they are decoded for the cache.
     """
-    result = Scan(total=len(ds))
+    result = Scan()
     digest = hashlib.sha256()
     what = "read image headers" if headers_only else "decode images"
     for row, item in enumerate(tqdm(ds, desc=what, unit="img", disable=not progress, leave=False)):
+        result.total += 1
         name = describe(item["image"], row)
         if item.get("skip"):
             result.skipped.append(Skipped(name, item["skip"]))

@@ -54,7 +54,10 @@ def _pick(columns: list[str], named: str | None, candidates: tuple[str, ...], wh
     raise SourceError(f"{source}: no {what} column (tried {list(candidates)}); columns are {columns}; name one")
 
 
-def _with_skip_column(ds: datasets.Dataset) -> datasets.Dataset:
+def _with_skip_column(ds: datasets.Dataset | datasets.IterableDataset) -> datasets.Dataset | datasets.IterableDataset:
+    if isinstance(ds, datasets.IterableDataset):
+        features = datasets.Features({**ds.features, "skip": datasets.Value("string")})
+        return ds.map(lambda row: {"skip": None}, features=features)
     return ds.add_column("skip", [None] * len(ds), feature=datasets.Value("string"))
 
 
@@ -241,13 +244,34 @@ def _split(ds: datasets.Dataset | datasets.DatasetDict, split: str, source: str)
     return ds
 
 
+def _streamed(
+    name: str, path: Path, split: str, image_column: str | None, caption_column: str | None, mask_column: str | None
+) -> datasets.IterableDataset:
+    """A Hub dataset, a local data folder or a table file read as a stream (``datasets``'
+    ``IterableDataset``): rows arrive one by one, nothing is downloaded or converted whole."""
+    builders = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
+    try:
+        if path.is_file():
+            if path.suffix.lower() not in builders:
+                raise SourceError(f"{name}: a file source must be one of {list(builders)}")
+            ds = datasets.load_dataset(builders[path.suffix.lower()], data_files=str(path), split=split, streaming=True)
+        else:
+            ds = datasets.load_dataset(name, split=split, streaming=True)
+    except (FileNotFoundError, ConnectionError, ValueError) as err:
+        raise SourceError(f"could not stream {name!r}: {str(err).splitlines()[0]}") from err
+    if ds.features is None:
+        raise SourceError(f"{name}: the stream does not declare its columns; name them in the dataset's card")
+    return _normalise(ds, image_column, caption_column, name, mask_column)
+
+
 def load_source(
     source: str | os.PathLike,
     caption_column: str | None = None,
     image_column: str | None = None,
     split: str = "train",
     mask_column: str | None = None,
-) -> datasets.Dataset:
+    streaming: bool = False,
+) -> datasets.Dataset | datasets.IterableDataset:
     """Load any supported source as a ``Dataset`` with ``image`` (undecoded), ``text`` and ``skip`` columns.
 
     Args:
@@ -257,12 +281,16 @@ def load_source(
         split: the split of a Hub dataset or of a saved ``DatasetDict``.
         mask_column: a table's or dataset's column of loss masks, kept as ``mask`` (undecoded);
             folders need none: a same-name ``<stem>_mask.png`` is found at use (`mask_beside`).
+        streaming: read a Hub dataset, an imagefolder or a table file as a stream
+            (``datasets.IterableDataset``, `_streamed`) instead of loading or converting it.
 
     Raises:
         SourceError: the source is missing, empty or lacks an image or caption column.
     """
     name = str(source)
     path = Path(source)
+    if streaming:
+        return _streamed(name, path, split, image_column, caption_column, mask_column)
     tars = tar_shards(name)
     if tars is not None:
         if mask_column:
