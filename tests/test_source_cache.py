@@ -93,6 +93,12 @@ def test_header_probe_reads_sizes_with_orientation_and_leaves_truncation_to_the_
             probe_image(data)
 
 
+def test_a_header_longer_than_the_first_read_is_read_whole(tmp_path):
+    path = tmp_path / "profiled.jpg"
+    Image.new("RGB", (48, 20), "blue").save(path, "JPEG", icc_profile=bytes(200_000))  # APP2 blocks before the frame
+    assert path.stat().st_size > 2**16 and probe_image(str(path)) == (48, 20)
+
+
 def test_draft_decoding_covers_the_size_asked_for():
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (800, 1200, 3), dtype=np.uint8)).save(buffer, "JPEG")
@@ -128,11 +134,15 @@ def test_shards_hold_each_images_posterior_read_back_by_row(folder, vae, tmp_pat
 
 def test_a_second_run_reuses_the_cache_and_a_changed_file_makes_a_new_one(folder, vae, tmp_path, monkeypatch):
     cfg, source = _source(folder, tmp_path)
-    cached_source_latents(vae, source, cfg, tmp_path / "cache", _one())
+    _, first, _ = cached_source_latents(vae, source, cfg, tmp_path / "cache", _one())
     calls = []
     monkeypatch.setattr(source_cache, "_encode_shards", lambda *a: calls.append(a[2]))
-    cached_source_latents(vae, source, cfg, tmp_path / "cache", _one())
+    _, again, _ = cached_source_latents(vae, source, cfg, tmp_path / "cache", _one())
     assert calls == [[]]  # nothing left to encode
+    assert again == first and len(again) == 1  # the truncated file, kept in its shard's metadata
+    source.write_report(again)
+    report = (tmp_path / "skipped_images.jsonl").read_text().splitlines()
+    assert len(report) == 1 and "cut.jpg" in report[0]
     copy = tmp_path / "copy"
     copy.mkdir()
     for f in folder.iterdir():

@@ -210,6 +210,14 @@ class SourceSet:
             with open(self.report, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"item": item, "reason": reason}) + "\n")
 
+    def write_report(self, decoded: list[dict]) -> None:
+        """The whole report once the cache is made: the header scan's skips, then every image
+        that failed to decode (every process's, and those of shards an earlier run finished)."""
+        if self.report is not None:
+            self.found.write_report(self.report)
+            with open(self.report, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps({"item": d["item"], "reason": d["reason"]}) + "\n" for d in decoded)
+
 
 def _scanned(
     cfg: DataConfig,

@@ -237,6 +237,7 @@ class Caches:
 def _source_buckets(cfg: RunConfig, source: SourceSet, vae, cache_dir: Path, accelerator: Accelerator) -> list:
     """The source's cached buckets that fill a batch; images lost to decoding are reported."""
     rows, skipped, _ = cached_source_latents(vae, source, cfg.data, cache_dir, accelerator)
+    source.write_report(skipped)
     found = source.found
     check_skipped(cfg.data, len(found.skipped) + len(skipped), found.total)
     batch = cfg.unet.batch_size // cfg.unet.gradient_accumulation_steps

@@ -30,11 +30,13 @@ class SkippedImage(ValueError):
         self.reason = reason
 
 
-def _read(source: str | bytes | dict | os.PathLike) -> bytes:
-    """The file's bytes from a path, raw bytes, a ``datasets`` Image cell ``{"bytes", "path"}``, or
-    a tar member's cell ``{"path", "offset", "size"}`` (`ldm_pipeline.data.archives`)."""
+def _read(source: str | bytes | dict | os.PathLike, limit: int = -1) -> bytes:
+    """The file's bytes (at most ``limit`` of them from a file) from a path, raw bytes, a
+    ``datasets`` Image cell ``{"bytes", "path"}``, or a tar member's cell ``{"path", "offset",
+    "size"}`` (`ldm_pipeline.data.archives`)."""
     if isinstance(source, dict) and source.get("offset") is not None:
-        return _read_member(source["path"], source["offset"], source["size"])
+        size = source["size"] if limit < 0 else min(limit, source["size"])
+        return _read_member(source["path"], source["offset"], size)
     if isinstance(source, dict):
         source = source.get("bytes") or source.get("path")
         if source is None:
@@ -43,7 +45,7 @@ def _read(source: str | bytes | dict | os.PathLike) -> bytes:
         return source
     try:
         with open(source, "rb") as f:
-            return f.read()
+            return f.read(limit)
     except FileNotFoundError as err:
         raise SkippedImage("file not found") from err
     except OSError as err:
@@ -94,6 +96,8 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
     return image.convert("RGB")
 
 
+# What `probe_image` reads of a file first: JPEG and PNG headers (EXIF included) fit in it.
+_HEADER_BYTES = 1 << 16
 # EXIF orientations that turn the stored image a quarter turn (width and height swap).
 _QUARTER_TURNS = (5, 6, 7, 8)
 
@@ -124,12 +128,19 @@ def probe_image(source: str | bytes | dict | os.PathLike, max_pixels: int = DEFA
     """An image's (width, height) as training sees it (EXIF orientation applied), read from its
     header without decoding the pixels: what bucketing needs, at a fraction of a decode's cost.
 
-    Files whose data is broken past the header are found when they are decoded (`decode_image`).
+    Only the first 64 KiB of a file are read, unless its header runs past them. Files whose data
+    is broken past the header are found when they are decoded (`decode_image`).
 
     Raises:
         SkippedImage: missing, zero-byte, non-image files and images over ``max_pixels``.
     """
-    image = _open(_read(source), max_pixels)
+    head = _read(source, _HEADER_BYTES)
+    try:
+        image = _open(head, max_pixels)
+    except SkippedImage:
+        if len(head) < _HEADER_BYTES:  # that was the whole file
+            raise
+        image = _open(_read(source), max_pixels)
     width, height = image.size
     with contextlib.suppress(OSError, ValueError, SyntaxError, KeyError):
         if image.getexif().get(0x0112) in _QUARTER_TURNS:
