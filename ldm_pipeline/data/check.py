@@ -57,7 +57,12 @@ def check_source(
         "skipped_files": [{"item": s.item, "reason": s.reason} for s in found.skipped],
     }
     if tokenizer is not None and captions:
-        lengths = [len(ids) for ids in tokenizer(captions)["input_ids"]]
+        # In chunks: the token ids of every caption at once take more memory than the rest.
+        lengths = [
+            len(ids)
+            for start in range(0, len(captions), 1024)
+            for ids in tokenizer(captions[start : start + 1024])["input_ids"]
+        ]
         report["captions"]["tokens"] = _spread(lengths)
         report["captions"]["truncated"] = sum(n > tokenizer.model_max_length for n in lengths)
     if resolution is not None and found.sizes:

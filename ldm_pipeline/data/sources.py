@@ -127,7 +127,7 @@ def _table(
         columns, rows = read_table(table)
     except TableError as err:
         raise SourceError(str(err)) from err
-    if not rows:
+    if not rows.count:
         raise SourceError(f"{table}: no rows")
     image = _pick(columns, image_column, IMAGE_COLUMNS, "image", str(table))
     text = _pick(columns, caption_column, CAPTION_COLUMNS, "caption", str(table))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,8 +50,7 @@ def _checked(row: Row) -> Row:
     return row
 
 
-def _json_lines(text: str, name: str) -> list[Row]:
-    rows = []
+def _json_lines(text: str, name: str) -> Iterator[Row]:
     for number, line in enumerate(text.splitlines(), 1):
         where = f"{name} line {number}"
         if not line.strip():
@@ -58,65 +58,76 @@ def _json_lines(text: str, name: str) -> list[Row]:
         try:
             cells = json.loads(line)
         except json.JSONDecodeError as err:
-            rows.append(Row(where, {}, f"bad table row: not valid JSON ({err.msg}, column {err.colno})"))
+            yield Row(where, {}, f"bad table row: not valid JSON ({err.msg}, column {err.colno})")
             continue
         if not isinstance(cells, dict):
-            rows.append(Row(where, {}, f"bad table row: a JSON {type(cells).__name__}, not an object"))
+            yield Row(where, {}, f"bad table row: a JSON {type(cells).__name__}, not an object")
             continue
-        rows.append(_checked(Row(where, cells)))
-    return rows
+        yield _checked(Row(where, cells))
 
 
-def _json_array(text: str, name: str) -> list[Row]:
+def _json_array(text: str, name: str) -> Iterator[Row]:
     try:
         items = json.loads(text)
     except json.JSONDecodeError as err:
         raise TableError(f"{name}: not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
     if not isinstance(items, list):
         raise TableError(f"{name}: a JSON table must be a list of objects or one object per line")
-    return [
-        _checked(Row(f"{name} item {i}", item))
-        if isinstance(item, dict)
-        else Row(f"{name} item {i}", {}, f"bad table row: a JSON {type(item).__name__}, not an object")
-        for i, item in enumerate(items)
-    ]
+    for i, item in enumerate(items):
+        if isinstance(item, dict):
+            yield _checked(Row(f"{name} item {i}", item))
+        else:
+            yield Row(f"{name} item {i}", {}, f"bad table row: a JSON {type(item).__name__}, not an object")
 
 
-def _csv(text: str, name: str) -> list[Row]:
+def _csv(text: str, name: str) -> Iterator[Row]:
     reader = csv.reader(io.StringIO(text, newline=""))
-    rows = []
     try:
         header = next(reader, None)
         if not header:
             raise TableError(f"{name}: empty CSV file (no header row)")
+        if _has_bad_bytes(header):
+            raise TableError(f"{name}: the header row is not UTF-8 text")
         for cells in reader:
             where = f"{name} line {reader.line_num}"
             if not cells:
                 continue
             if len(cells) != len(header):
-                rows.append(Row(where, {}, f"bad table row: {len(cells)} fields where the header has {len(header)}"))
+                yield Row(where, {}, f"bad table row: {len(cells)} fields where the header has {len(header)}")
                 continue
-            rows.append(_checked(Row(where, dict(zip(header, cells, strict=True)))))
+            yield _checked(Row(where, dict(zip(header, cells, strict=True))))
     except csv.Error as err:
         raise TableError(f"{name}: unreadable CSV at line {reader.line_num}: {err}") from err
-    if _has_bad_bytes(header):
-        raise TableError(f"{name}: the header row is not UTF-8 text")
-    return rows
 
 
-def _parquet(path: Path, name: str) -> list[Row]:
+def _parquet(path: Path, name: str) -> Iterator[Row]:
     import pyarrow
     import pyarrow.parquet
 
     try:
-        records = pyarrow.parquet.read_table(path).to_pylist()
+        row = 0
+        for batch in pyarrow.parquet.ParquetFile(path).iter_batches():
+            for cells in batch.to_pylist():
+                yield Row(f"{name} row {row}", cells)
+                row += 1
     except (pyarrow.ArrowException, OSError) as err:
         raise TableError(f"{name}: not a readable Parquet file: {err}") from err
-    return [Row(f"{name} row {i}", cells) for i, cells in enumerate(records)]
 
 
-def read_table(path: str | Path) -> tuple[list[str], list[Row]]:
-    """The column names (in first-seen order) and every row of a table file.
+class Rows:
+    """A table's rows, parsed anew on each pass, so that no pass holds them all (a table of a
+    million paths is read twice rather than kept); ``count`` is how many there are."""
+
+    def __init__(self, produce: Callable[[], Iterator[Row]]):
+        self._produce = produce
+        self.count = 0
+
+    def __iter__(self) -> Iterator[Row]:
+        return self._produce()
+
+
+def read_table(path: str | Path) -> tuple[list[str], Rows]:
+    """The column names (in first-seen order) and the rows of a table file.
 
     Raises:
         TableError: the file cannot be read at all (not a table, no header, broken Parquet).
@@ -128,17 +139,20 @@ def read_table(path: str | Path) -> tuple[list[str], list[Row]]:
         raise TableError(f"{path}: a table must be one of {list(TABLE_SUFFIXES)}")
     try:
         if suffix == ".parquet":
-            rows = _parquet(path, name)
+            rows = Rows(lambda: _parquet(path, name))
         else:
             # Bytes that are not UTF-8 survive as surrogates and mark only their own row.
             text = path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
             if suffix == ".csv":
-                rows = _csv(text, name)
+                rows = Rows(lambda: _csv(text, name))
             elif suffix == ".json" and text.lstrip().startswith("["):
-                rows = _json_array(text, name)
+                rows = Rows(lambda: _json_array(text, name))
             else:
-                rows = _json_lines(text, name)
+                rows = Rows(lambda: _json_lines(text, name))
     except OSError as err:
         raise TableError(f"{path}: cannot read it: {err.strerror or err}") from err
-    columns = list(dict.fromkeys(key for row in rows for key in row.cells))
-    return columns, rows
+    columns: dict[str, None] = {}
+    for row in rows:
+        rows.count += 1
+        columns.update(dict.fromkeys(row.cells))
+    return list(columns), rows
