@@ -22,6 +22,7 @@ Usage::
     python benchmarks/data_scale.py train --n 1000 --model small --work /tmp/scale
     python benchmarks/data_scale.py check --n 10000 --work /tmp/scale
     python benchmarks/data_scale.py resume --n 1000 --kill-after 40 --work /tmp/scale
+    python benchmarks/data_scale.py train --n 1000 --previous /tmp/old --work /tmp/scale  # an earlier REV
     python benchmarks/data_scale.py train --n 200 --square --model sd15 --work /tmp/scale \\
         --set unet.batch_size=1 --set data.random_flip=false
 """
@@ -166,6 +167,13 @@ def _train_command(args, table: Path, pipeline: Path, out: Path) -> tuple[list[s
     if args.workers is not None:
         overrides.append(f"data.num_workers={args.workers}")
     overrides += args.set
+    if args.previous:
+        # The code of an earlier commit (a `git worktree` with ldm_pipeline/training and
+        # ldm_pipeline/configs linked to its training/ and configs/), run in its own process.
+        entry = "import sys; from ldm_pipeline.cli import main; sys.exit(main())"
+        return [sys.executable, "-c", entry, "train", "finetune-lora", "--output", str(out), *overrides], {
+            "PYTHONPATH": args.previous
+        }
     if args.processes > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.processes)]
         command = [*launcher, "-m", "ldm_pipeline.cli", "train", "finetune-lora", "--output", str(out), *overrides]
@@ -190,10 +198,12 @@ def run(args) -> dict:
         result["check"] = _timed(["ldm", "data", "check", str(table), "--resolution", "512"])
         return result
     pipeline = make_pipeline(work, args.model)
-    out = work / f"run-{args.model}-{args.n}{'-square' if args.square else ''}-p{args.processes}-w{args.workers}"
+    variant = f"{'-square' if args.square else ''}{'-previous' if args.previous else ''}"
+    out = work / f"run-{args.model}-{args.n}{variant}-p{args.processes}-w{args.workers}"
     shutil.rmtree(out, ignore_errors=True)
     command, env = _train_command(args, table, pipeline, out)
     result.update({"model": args.model, "processes": args.processes, "workers": args.workers, "set": args.set})
+    result["code"] = "previous" if args.previous else "this"
     if args.command == "train":
         result["train"] = _timed(command, env)
     else:
@@ -236,6 +246,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--workers", type=int, default=None, help="data.num_workers (default: the project's)")
     parser.add_argument("--kill-after", type=float, default=30.0, help="resume: seconds before the SIGKILL")
+    parser.add_argument("--previous", default=None, help="train with the code of an earlier commit in this folder")
     parser.add_argument("--square", action="store_true", help="square images only (aspect 1:1)")
     parser.add_argument("--set", action="append", default=[], help="more key=value overrides")
     parser.add_argument("--out", type=Path, default=None, help="append the result as a JSON line here")

@@ -206,7 +206,7 @@ def test_a_black_mask_zeroes_the_loss_gradient_there(tiny_dir, tmp_path, masked)
     parts = frozen_parts(cfg, tmp_path)
     caches = build_caches(cfg, train_set, parts, tmp_path, accelerator)
     model = _Recorder(UNet2DConditionModel.from_pretrained(tiny_dir / "unet"))
-    loss = DenoisingLoss(cfg, train_set, caches, parts, model, sampling_scheduler(cfg), accelerator)
+    loss = DenoisingLoss(cfg, caches, parts, model, sampling_scheduler(cfg), accelerator)
     loss(0)["loss"].backward()
     grad = model.outputs[0].grad
     half = grad.shape[-1] // 2
@@ -242,7 +242,7 @@ def test_prior_target_model_regresses_onto_the_untuned_unet_for_class_and_subjec
     caches = build_caches(cfg, train_set, parts, tmp_path, accelerator, prior)
     student = _Recorder(UNet2DConditionModel.from_pretrained(tiny_dir / "unet"))
     teacher = _Teacher(UNet2DConditionModel.from_pretrained(tiny_dir / "unet").requires_grad_(False))
-    loss = DenoisingLoss(cfg, train_set, caches, parts, student, sampler, accelerator, prior, teacher)
+    loss = DenoisingLoss(cfg, caches, parts, student, sampler, accelerator, prior, teacher)
 
     terms = loss(0)
     # The untuned weights predict what the untuned UNet does: no prior loss, and no gradient from it.

@@ -19,7 +19,7 @@ from ldm_pipeline.data.buckets import Bucket
 from ldm_pipeline.errors import InputError
 
 from .data import BatchSampler, SourceSet, bucket_batches, pick_captions
-from .source_cache import _Decoded, _Item, default_workers
+from .source_cache import DecodedRows, RowToDecode, default_workers
 
 
 class InLoopEncoder:
@@ -46,7 +46,7 @@ class InLoopEncoder:
         sizes, global_batch, seed = self.sampler._args
         part = self.sampler._part
         items = [
-            [_Item(p, self.source.found.rows[p], b, self.source.found.sizes[p]) for p in self.positions[b]]
+            [RowToDecode(p, self.source.found.rows[p], b, self.source.found.sizes[p]) for p in self.positions[b]]
             for b in self.order
         ]
         flat, base = [], []
@@ -61,7 +61,7 @@ class InLoopEncoder:
         if self._stream is None:
             flat, batches = self._batches(self.sampler.consumed - 1)
             loader = torch.utils.data.DataLoader(
-                _Decoded(self.source, flat),
+                DecodedRows(self.source, flat),
                 batch_sampler=batches,
                 num_workers=self.workers,
                 collate_fn=list,

@@ -89,19 +89,19 @@ def encode_batch_size(vae, bucket: Bucket, setting: int | None) -> int:
 
 
 @dataclass
-class _Item:
+class RowToDecode:
     position: int  # index into the source set's usable rows
     row: int  # the dataset's row
     bucket: Bucket
     size: tuple[int, int]  # from the header, orientation applied
 
 
-class _Decoded(torch.utils.data.Dataset):
+class DecodedRows(torch.utils.data.Dataset):
     """Run in DataLoader workers: one row decoded (a JPEG at the coarsest scale that covers its
     bucket) and fitted to its bucket, or the reason it cannot be. Random crops are drawn from the
     seed and the row, so any worker, process or resumed run draws the same one."""
 
-    def __init__(self, source: SourceSet, items: list[_Item]):
+    def __init__(self, source: SourceSet, items: list[RowToDecode]):
         self.ds, self.items, self.o = source.ds, items, source.options
 
     def __len__(self) -> int:
@@ -111,7 +111,7 @@ class _Decoded(torch.utils.data.Dataset):
         return decode_row(self.ds[self.items[i].row], self.items[i], self.o)
 
 
-def decode_row(item: dict, it: _Item, o: dict) -> dict:
+def decode_row(item: dict, it: RowToDecode, o: dict) -> dict:
     """One source row decoded and fitted to its bucket: ``pixels`` (uint8 ``[3, H, W]``) and
     ``mask``, or ``skip``, the reason it cannot be used."""
     out = {"position": it.position, "name": describe(item["image"], it.row), "skip": None, "mask": None}
@@ -208,7 +208,7 @@ def _encode_shards(
     for k, (bucket, plan) in enumerate(todo):
         size = encode_batch_size(vae, bucket, cfg.encode_batch_size)
         first = len(items)
-        items += [_Item(p, source.found.rows[p], bucket, source.found.sizes[p]) for p in plan.positions]
+        items += [RowToDecode(p, source.found.rows[p], bucket, source.found.sizes[p]) for p in plan.positions]
         starts = range(first, len(items), size)
         batches += [list(range(s, min(s + size, len(items)))) for s in starts]
         owner += [(k, s + size >= len(items)) for s in starts]
@@ -219,7 +219,7 @@ def _encode_shards(
         _encode_streamed(source, vae, todo, folder, cfg, report, items, batches, owner, workers)
         return
     loader = torch.utils.data.DataLoader(
-        _Decoded(source, items),
+        DecodedRows(source, items),
         batch_sampler=batches,
         num_workers=workers,
         collate_fn=list,

@@ -311,7 +311,6 @@ class DenoisingLoss:
     def __init__(
         self,
         cfg: RunConfig,
-        train: ImageSet,
         caches: Caches,
         parts: tuple,
         model,
@@ -477,9 +476,7 @@ def train_unet(
     teacher = None
     if prior is not None and c.dreambooth.prior_target == "model":
         teacher = untuned_unet(cfg).to(accelerator.device)
-    loss = DenoisingLoss(
-        cfg, train, caches, parts, model, sampler, accelerator, prior.images if prior else None, teacher
-    )
+    loss = DenoisingLoss(cfg, caches, parts, model, sampler, accelerator, prior.images if prior else None, teacher)
     views = EMAViews(model, ema, accelerator, parts, sampler, c, out)
     if c.pretrained:
         views.remember_base()
