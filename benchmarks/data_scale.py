@@ -174,12 +174,13 @@ def _train_command(args, table: Path, pipeline: Path, out: Path) -> tuple[list[s
         return [sys.executable, "-c", entry, "train", "finetune-lora", "--output", str(out), *overrides], {
             "PYTHONPATH": args.previous
         }
+    threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     if args.processes > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.processes)]
         command = [*launcher, "-m", "ldm_pipeline.cli", "train", "finetune-lora", "--output", str(out), *overrides]
-        # One thread per process: the processes share the cores.
-        return command, {"OMP_NUM_THREADS": "1"}
-    return ["ldm", "train", "finetune-lora", "--output", str(out), *overrides], {}
+        # torchrun gives each process one thread unless told otherwise: the processes share the cores.
+        return command, threads
+    return ["ldm", "train", "finetune-lora", "--output", str(out), *overrides], threads
 
 
 def _cache_tensors(cache: Path) -> dict:
@@ -199,10 +200,11 @@ def run(args) -> dict:
         return result
     pipeline = make_pipeline(work, args.model)
     variant = f"{'-square' if args.square else ''}{'-previous' if args.previous else ''}"
-    out = work / f"run-{args.model}-{args.n}{variant}-p{args.processes}-w{args.workers}"
+    out = work / f"run-{args.model}-{args.n}{variant}-p{args.processes}-w{args.workers}-t{args.threads}"
     shutil.rmtree(out, ignore_errors=True)
     command, env = _train_command(args, table, pipeline, out)
     result.update({"model": args.model, "processes": args.processes, "workers": args.workers, "set": args.set})
+    result["threads"] = args.threads
     result["code"] = "previous" if args.previous else "this"
     if args.command == "train":
         result["train"] = _timed(command, env)
@@ -246,6 +248,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--workers", type=int, default=None, help="data.num_workers (default: the project's)")
     parser.add_argument("--kill-after", type=float, default=30.0, help="resume: seconds before the SIGKILL")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS per process (default: torch's)")
     parser.add_argument("--previous", default=None, help="train with the code of an earlier commit in this folder")
     parser.add_argument("--square", action="store_true", help="square images only (aspect 1:1)")
     parser.add_argument("--set", action="append", default=[], help="more key=value overrides")

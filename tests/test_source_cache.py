@@ -130,6 +130,11 @@ def test_shards_hold_each_images_posterior_read_back_by_row(folder, vae, tmp_pat
     torch.testing.assert_close(tall.latents["mean"][index], dist.mean, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(tall.latents["std_flipped"][index], mirrored.std, rtol=1e-4, atol=1e-5)
     assert tall.latents["mean"].shape == (7, *dist.mean.shape[1:])
+    lines = [json.loads(line) for line in (shards / "index.jsonl").read_text().splitlines()]
+    assert len(lines) == 14 and {e["bucket"] for e in lines} == {"24x40", "40x24"}
+    entry = next(e for e in lines if e["captions"] == ["picture 3"])
+    assert entry["image"].endswith("img03.jpg") and (shards / entry["shard"]).is_file()
+    assert ShardFile(shards / entry["shard"]).metadata["bucket"] == entry["bucket"]
 
 
 def test_a_second_run_reuses_the_cache_and_a_changed_file_makes_a_new_one(folder, vae, tmp_path, monkeypatch):

@@ -35,6 +35,7 @@ from ldm_pipeline.data.decode import SkippedImage, decode_image
 from ldm_pipeline.data.prepare import decode_mask, mask_cell
 from ldm_pipeline.data.sources import describe
 from ldm_pipeline.errors import InputError
+from ldm_pipeline.files import write_atomically
 from ldm_pipeline.tokenizer import token_ids
 
 from .cache import content_hash, model_fingerprint
@@ -145,6 +146,7 @@ class _ShardBuilder:
     def reset(self) -> None:
         self.parts: dict[str, list[torch.Tensor]] = {}
         self.skipped: list[dict] = []
+        self.names: list[str] = []
 
     @torch.no_grad()
     def add(self, samples: list[dict], report) -> None:
@@ -157,6 +159,7 @@ class _ShardBuilder:
             return
         x = torch.stack([s["pixels"] for s in good]).to(self.vae.device, self.vae.dtype) / 127.5 - 1.0
         self._append("rows", torch.tensor([s["position"] for s in good]))
+        self.names += [s["name"] for s in good]
         try:
             for suffix, batch in (("", x), ("_flipped", x.flip(-1))) if self.flip else (("", x),):
                 dist = self.vae.encode(batch).latent_dist
@@ -182,7 +185,11 @@ class _ShardBuilder:
         tensors = {k: torch.cat(v) for k, v in self.parts.items()}
         if "rows" not in tensors:  # every image of the shard was skipped
             tensors = {"rows": torch.zeros(0, dtype=torch.int64)}
-        meta = {"bucket": f"{bucket[0]}x{bucket[1]}", "skipped": json.dumps(self.skipped)}
+        meta = {
+            "bucket": f"{bucket[0]}x{bucket[1]}",
+            "skipped": json.dumps(self.skipped),
+            "names": json.dumps(self.names),
+        }
         write_shard(path, tensors, meta)
         self.reset()
 
@@ -323,6 +330,22 @@ def _read_buckets(source: SourceSet, folder: Path, plans: list[tuple[Bucket, Sha
     return buckets, skipped
 
 
+def _write_index(source: SourceSet, folder: Path, plans: list[tuple[Bucket, ShardPlan]]) -> None:
+    """``index.jsonl`` beside the shards: one line per cached image (image, bucket, captions,
+    shard, row), streamed from the shards, for people and other tools; training reads the shards."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for bucket, plan in plans:
+                shard = ShardFile(folder / plan.name)
+                names = json.loads(shard.metadata.get("names", "[]"))
+                for row, (position, name) in enumerate(zip(shard.tensor("rows").tolist(), names, strict=True)):
+                    line = {"image": name, "bucket": f"{bucket[0]}x{bucket[1]}", "shard": plan.name, "row": row}
+                    f.write(json.dumps({**line, "captions": source.found.captions[position]}) + "\n")
+
+    write_atomically(folder / "index.jsonl", write)
+
+
 def cached_source_latents(
     vae, source: SourceSet, cfg: DataConfig, cache_dir: Path, accelerator: Accelerator
 ) -> tuple[list[LatentRows], list[dict], float]:
@@ -353,6 +376,8 @@ def cached_source_latents(
     _encode_shards(source, vae, todo, folder, cfg, source.report_skip)
     wait_for_shards(folder, [p for _, p in plans], "latent")
     buckets, skipped = _read_buckets(source, folder, plans)
+    if accelerator.is_main_process:
+        _write_index(source, folder, plans)
     return buckets, skipped, time.monotonic() - start
 
 
