@@ -19,7 +19,7 @@ from ldm_pipeline.data.buckets import Bucket
 from ldm_pipeline.errors import InputError
 
 from .data import BatchSampler, SourceSet, bucket_batches, pick_captions
-from .source_cache import DecodedRows, RowToDecode, default_workers
+from .source_cache import DecodedRows, default_workers
 
 
 class InLoopEncoder:
@@ -42,27 +42,17 @@ class InLoopEncoder:
         ]
 
     def _batches(self, start: int):
-        """Item lists of this process's share of each micro-batch, from micro-batch ``start`` on."""
+        """The positions of this process's share of each micro-batch, from micro-batch ``start`` on."""
         sizes, global_batch, seed = self.sampler._args
         part = self.sampler._part
-        items = [
-            [RowToDecode(p, self.source.found.rows[p], b, self.source.found.sizes[p]) for p in self.positions[b]]
-            for b in self.order
-        ]
-        flat, base = [], []
-        for group in items:
-            base.append(len(flat))
-            flat += group
         sequence = itertools.islice(bucket_batches(sizes, global_batch, seed), start, None)
-        batches = ([base[k] + i for i in chunk[part].tolist()] for k, chunk in sequence)
-        return flat, batches
+        return ([self.positions[self.order[k]][i] for i in chunk[part].tolist()] for k, chunk in sequence)
 
     def _next_decoded(self) -> list[dict]:
         if self._stream is None:
-            flat, batches = self._batches(self.sampler.consumed - 1)
             loader = torch.utils.data.DataLoader(
-                DecodedRows(self.source, flat),
-                batch_sampler=batches,
+                DecodedRows(self.source),
+                batch_sampler=self._batches(self.sampler.consumed - 1),
                 num_workers=self.workers,
                 collate_fn=list,
                 prefetch_factor=self.prefetch if self.workers else None,

@@ -96,20 +96,26 @@ class RowToDecode:
     bucket: Bucket
     size: tuple[int, int]  # from the header, orientation applied
 
+    @classmethod
+    def of(cls, source: SourceSet, position: int) -> RowToDecode:
+        return cls(position, source.found.rows[position], source.buckets[position], source.found.sizes[position])
+
 
 class DecodedRows(torch.utils.data.Dataset):
-    """Run in DataLoader workers: one row decoded (a JPEG at the coarsest scale that covers its
-    bucket) and fitted to its bucket, or the reason it cannot be. Random crops are drawn from the
-    seed and the row, so any worker, process or resumed run draws the same one."""
+    """Run in DataLoader workers: the usable row at a position decoded (a JPEG at the coarsest
+    scale that covers its bucket) and fitted to its bucket, or the reason it cannot be. Random
+    crops are drawn from the seed and the row, so any worker, process or resumed run draws the
+    same one."""
 
-    def __init__(self, source: SourceSet, items: list[RowToDecode]):
-        self.ds, self.items, self.o = source.ds, items, source.options
+    def __init__(self, source: SourceSet):
+        self.source = source
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.source)
 
-    def __getitem__(self, i: int) -> dict:
-        return decode_row(self.ds[self.items[i].row], self.items[i], self.o)
+    def __getitem__(self, position: int) -> dict:
+        it = RowToDecode.of(self.source, position)
+        return decode_row(self.source.ds[it.row], it, self.source.options)
 
 
 def decode_row(item: dict, it: RowToDecode, o: dict) -> dict:
@@ -211,22 +217,21 @@ def _encode_shards(
     source: SourceSet, vae, todo: list[tuple[Bucket, ShardPlan]], folder: Path, cfg: DataConfig, report
 ) -> None:
     """Decode (in workers) and encode this process's unfinished shards, writing each when done."""
-    items, batches, owner = [], [], []
+    batches, owner = [], []  # each encoder batch's positions; its shard and whether it ends it
     for k, (bucket, plan) in enumerate(todo):
         size = encode_batch_size(vae, bucket, cfg.encode_batch_size)
-        first = len(items)
-        items += [RowToDecode(p, source.found.rows[p], bucket, source.found.sizes[p]) for p in plan.positions]
-        starts = range(first, len(items), size)
-        batches += [list(range(s, min(s + size, len(items)))) for s in starts]
-        owner += [(k, s + size >= len(items)) for s in starts]
-    if not items:
+        starts = range(0, len(plan.positions), size)
+        batches += [plan.positions[s : s + size] for s in starts]
+        owner += [(k, s + size >= len(plan.positions)) for s in starts]
+    total = sum(len(b) for b in batches)
+    if not total:
         return
     workers = default_workers() if cfg.num_workers is None else cfg.num_workers
     if isinstance(source.ds, datasets.IterableDataset):
-        _encode_streamed(source, vae, todo, folder, cfg, report, items, batches, owner, workers)
+        _encode_streamed(source, vae, todo, folder, cfg, report, batches, owner, workers)
         return
     loader = torch.utils.data.DataLoader(
-        DecodedRows(source, items),
+        DecodedRows(source),
         batch_sampler=batches,
         num_workers=workers,
         collate_fn=list,
@@ -234,7 +239,7 @@ def _encode_shards(
     )
     builder = _ShardBuilder(vae, cfg.random_flip, source.options["masks"], cfg.encode_batch_size)
     vae.eval()
-    with tqdm(total=len(items), desc="cache latents", unit="img", smoothing=0.1) as bar:
+    with tqdm(total=total, desc="cache latents", unit="img", smoothing=0.1) as bar:
         for (k, last), samples in zip(owner, loader, strict=True):
             builder.add(samples, report)
             bar.update(len(samples))
@@ -243,23 +248,21 @@ def _encode_shards(
                 builder.write(folder / plan.name, bucket)
 
 
-def _encode_streamed(
-    source: SourceSet, vae, todo, folder: Path, cfg: DataConfig, report, items, batches, owner, workers
-):
+def _encode_streamed(source: SourceSet, vae, todo, folder: Path, cfg: DataConfig, report, batches, owner, workers):
     """`_encode_shards` for a stream (``data.streaming``): one more pass over it, in its order,
     decoding the rows of this process's unfinished shards in threads (Pillow releases the GIL).
     A shard's rows are a run of its bucket's rows, so shards fill one after another: memory holds
     about one shard per bucket, and the decodes in flight."""
-    batch_of = {i: b for b, members in enumerate(batches) for i in members}
-    wanted = {it.row: i for i, it in enumerate(items)}
+    batch_of = {p: b for b, members in enumerate(batches) for p in members}
+    wanted = {source.found.rows[p]: p for p in batch_of}
     decoded: dict[int, list[dict]] = {}
     builder = {
         k: _ShardBuilder(vae, cfg.random_flip, source.options["masks"], cfg.encode_batch_size) for k in range(len(todo))
     }
     vae.eval()
 
-    def finish(i: int, sample: dict) -> None:
-        b = batch_of[i]
+    def finish(position: int, sample: dict) -> None:
+        b = batch_of[position]
         decoded.setdefault(b, []).append(sample)
         if len(decoded[b]) < len(batches[b]):
             return
@@ -270,17 +273,20 @@ def _encode_streamed(
             builder.pop(k).write(folder / plan.name, bucket)
 
     pending: collections.deque = collections.deque()
-    with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(items), desc="cache latents", unit="img") as bar:
+    with (
+        ThreadPoolExecutor(max(1, workers)) as pool,
+        tqdm(total=len(batch_of), desc="cache latents", unit="img") as bar,
+    ):
         for row, item in enumerate(source.ds):
             if row in wanted:
-                i = wanted[row]
-                pending.append((i, pool.submit(decode_row, item, items[i], source.options)))
+                p = wanted[row]
+                pending.append((p, pool.submit(decode_row, item, RowToDecode.of(source, p), source.options)))
             while pending and (len(pending) > 4 * max(1, workers) or pending[0][1].done()):
-                i, future = pending.popleft()
-                finish(i, future.result())
+                p, future = pending.popleft()
+                finish(p, future.result())
                 bar.update(1)
-        for i, future in pending:
-            finish(i, future.result())
+        for p, future in pending:
+            finish(p, future.result())
             bar.update(1)
     if builder:
         raise InputError(
