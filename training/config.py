@@ -82,8 +82,8 @@ class DataConfig:
     max_image_pixels: int = 64_000_000
     # Where latents and text embeddings are cached (keyed by fingerprints); None: <output>/cache.
     cache_dir: str | None = None
-    # Read data.source as a stream (datasets' IterableDataset: a Hub dataset, an imagefolder or a
-    # table file), nothing downloaded or converted whole; the UNet stage's cache is made from it.
+    # Read data.source as a stream (datasets' IterableDataset: a Hub dataset or an imagefolder),
+    # nothing downloaded or converted whole; the UNet stage's cache is made from it.
     streaming: bool = False
     # disk: a source's latents and caption embeddings are cached before the UNet trains; none:
     # encoded in the loop from prefetching workers (for a run shorter than one pass over the set).

@@ -245,18 +245,12 @@ def _split(ds: datasets.Dataset | datasets.DatasetDict, split: str, source: str)
 
 
 def _streamed(
-    name: str, path: Path, split: str, image_column: str | None, caption_column: str | None, mask_column: str | None
+    name: str, split: str, image_column: str | None, caption_column: str | None, mask_column: str | None
 ) -> datasets.IterableDataset:
-    """A Hub dataset, a local data folder or a table file read as a stream (``datasets``'
-    ``IterableDataset``): rows arrive one by one, nothing is downloaded or converted whole."""
-    builders = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
+    """A Hub dataset or a local data folder read as a stream (``datasets``' ``IterableDataset``):
+    rows arrive one by one, nothing is downloaded or converted whole."""
     try:
-        if path.is_file():
-            if path.suffix.lower() not in builders:
-                raise SourceError(f"{name}: a file source must be one of {list(builders)}")
-            ds = datasets.load_dataset(builders[path.suffix.lower()], data_files=str(path), split=split, streaming=True)
-        else:
-            ds = datasets.load_dataset(name, split=split, streaming=True)
+        ds = datasets.load_dataset(name, split=split, streaming=True)
     except (FileNotFoundError, ConnectionError, ValueError) as err:
         raise SourceError(f"could not stream {name!r}: {str(err).splitlines()[0]}") from err
     if ds.features is None:
@@ -281,16 +275,17 @@ def load_source(
         split: the split of a Hub dataset or of a saved ``DatasetDict``.
         mask_column: a table's or dataset's column of loss masks, kept as ``mask`` (undecoded);
             folders need none: a same-name ``<stem>_mask.png`` is found at use (`mask_beside`).
-        streaming: read a Hub dataset, an imagefolder or a table file as a stream
-            (``datasets.IterableDataset``, `_streamed`) instead of loading or converting it.
+        streaming: read a Hub dataset or a local imagefolder as a stream
+            (``datasets.IterableDataset``, `_streamed`) instead of loading or converting it; a
+            table file is read as without it (row by row already).
 
     Raises:
         SourceError: the source is missing, empty or lacks an image or caption column.
     """
     name = str(source)
     path = Path(source)
-    if streaming:
-        return _streamed(name, path, split, image_column, caption_column, mask_column)
+    if streaming and not path.is_file():  # a table file is read row by row already
+        return _streamed(name, split, image_column, caption_column, mask_column)
     tars = tar_shards(name)
     if tars is not None:
         if mask_column:
