@@ -13,6 +13,7 @@ reads its batch and nothing else stays in memory, whatever the size of the cache
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -166,4 +167,6 @@ class RowTensor:
             shard, row = self.where[index]
             return shard.rows(self.name, [row])[0]
         picks = [self.where[i] for i in (index.tolist() if isinstance(index, torch.Tensor) else index)]
-        return torch.cat([shard.rows(self.name, [row]) for shard, row in picks])
+        # One read call per run of rows from the same shard (a file opened once per run, not per row).
+        runs = itertools.groupby(picks, key=lambda pick: pick[0])
+        return torch.cat([shard.rows(self.name, [row for _, row in run]) for shard, run in runs])
