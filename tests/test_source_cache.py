@@ -288,3 +288,25 @@ def test_encoding_in_the_loop_gives_the_caches_latents_and_stands_in_for_a_broke
             torch.testing.assert_close(got[j], bucket.latents["mean_flipped"][row], rtol=1e-4, atol=1e-5)
     assert stood_in > 0
     assert "cut.jpg" in (tmp_path / "skipped_images.jsonl").read_text()
+
+
+def test_loss_masks_are_cached_on_the_latent_grid(vae, tmp_path):
+    folder = tmp_path / "masked"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"a{i}.png")
+        (folder / f"a{i}.txt").write_text(f"masked {i}")
+        if i < 2:  # the left half trained, the right half ignored
+            mask = np.zeros((32, 32), dtype=np.uint8)
+            mask[:, :16] = 255
+            Image.fromarray(mask).save(folder / f"a{i}_mask.png")
+    cfg = _cfg(folder, bucketing=False)
+    source = load_source_set(cfg, step=8, min_bucket_size=2, report_dir=tmp_path, masks=True)
+    (rows,), _, _ = cached_source_latents(vae, source, cfg, tmp_path / "cache", _one())
+    masks = rows.masks[torch.arange(4)]
+    assert masks.shape == (4, 1, 16, 16)
+    by_caption = {c[0]: m for c, m in zip(rows.captions, masks, strict=True)}
+    half = by_caption["masked 0"][0]
+    assert torch.equal(half[:, :8], torch.full((16, 8), 255.0)) and torch.equal(half[:, 8:], torch.zeros(16, 8))
+    assert torch.equal(by_caption["masked 3"], torch.full((1, 16, 16), 255.0))  # no mask: all trained
