@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import InputError, UsageError, user_os_error
+from .errors import InputError, UsageError, out_of_memory, user_os_error
 from .schedulers import SCHEDULERS
 
 # torch generators take 64-bit seeds; image N of a run uses seed + N, kept in range.
@@ -404,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ldm {args.command}: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
-        if full or not _out_of_memory(err):
+        if full or not out_of_memory(err):
             raise
         _end_progress_bars()
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -415,11 +415,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ldm {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
-
-
-def _out_of_memory(err: RuntimeError) -> bool:
-    """torch's allocation failures: ``torch.OutOfMemoryError`` on an accelerator, a RuntimeError on the CPU."""
-    return type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(err)
 
 
 def _end_progress_bars() -> None:

@@ -26,3 +26,8 @@ _USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENO
 def user_os_error(err: BaseException) -> bool:
     """An ``OSError`` the user can act on: a path that is missing, not allowed, of the wrong kind, or a full disk."""
     return isinstance(err, OSError) and err.errno in _USER_ERRNOS
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """torch's allocation failures: ``torch.OutOfMemoryError`` on an accelerator, a RuntimeError on the CPU."""
+    return type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(err)

@@ -204,6 +204,13 @@ class SourceSet:
     def __len__(self) -> int:
         return len(self.found.rows)
 
+    def by_bucket(self) -> dict[Bucket, list[int]]:
+        """Each bucket's positions (indices of usable rows), in source order, buckets sorted."""
+        groups: dict[Bucket, list[int]] = {}
+        for position, bucket in enumerate(self.buckets):
+            groups.setdefault(bucket, []).append(position)
+        return dict(sorted(groups.items()))
+
     def report_skip(self, item: str, reason: str) -> None:
         """Append an image skipped while caching to the run's skip report, as it happens."""
         if self.report is not None:

@@ -13,13 +13,12 @@ from __future__ import annotations
 import itertools
 
 import torch
-import torch.nn.functional as F
 
 from ldm_pipeline.data.buckets import Bucket
 from ldm_pipeline.errors import InputError
 
 from .data import BatchSampler, SourceSet, bucket_batches, pick_captions
-from .source_cache import DecodedRows, default_workers
+from .source_cache import DecodedRows, default_workers, encode_samples
 
 
 class InLoopEncoder:
@@ -29,8 +28,8 @@ class InLoopEncoder:
         self.vae, self.source, self.flip = vae, source, flip
         self.workers = default_workers() if workers is None else workers
         self.prefetch = prefetch
-        self.order = sorted(set(source.buckets))
-        self.positions = {b: [i for i, c in enumerate(source.buckets) if c == b] for b in self.order}
+        self.positions = source.by_bucket()
+        self.order = list(self.positions)
         self.sampler: BatchSampler | None = None
         self._stream = None
         self._memo: tuple[tuple, dict] | None = None
@@ -77,19 +76,8 @@ class InLoopEncoder:
                 print(f"data: {s['name']} skipped ({s['skip']}); another image of its batch stands in")
         if not good:
             raise InputError(f"data: no image of a batch could be decoded: {[s['name'] for s in samples]}")
-        pixels = [s["pixels"] if s["pixels"] is not None else good[0]["pixels"] for s in samples]
-        x = torch.stack(pixels).to(self.vae.device, self.vae.dtype) / 127.5 - 1.0
-        out = {}
-        with torch.autocast(self.vae.device.type, enabled=False):
-            for suffix, batch in (("", x), ("_flipped", x.flip(-1))) if self.flip else (("", x),):
-                dist = self.vae.encode(batch).latent_dist
-                out["mean" + suffix], out["std" + suffix] = dist.mean.float().cpu(), dist.std.float().cpu()
-        if self.source.options["masks"]:
-            masks = [
-                s["mask"] if s["mask"] is not None else torch.full_like(p[:1], 255)
-                for s, p in zip(samples, pixels, strict=True)
-            ]
-            out["mask"] = F.interpolate(torch.stack(masks).float(), size=out["mean"].shape[-2:], mode="area")
+        filled = [s if s["pixels"] is not None else {**s, "pixels": good[0]["pixels"]} for s in samples]
+        out = encode_samples(self.vae, filled, self.flip, self.source.options["masks"])
         self._memo = (key, out)
         return out
 

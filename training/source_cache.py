@@ -34,7 +34,7 @@ from ldm_pipeline.data.buckets import Bucket, fit_to_bucket
 from ldm_pipeline.data.decode import SkippedImage, decode_image
 from ldm_pipeline.data.prepare import decode_mask, mask_cell
 from ldm_pipeline.data.sources import describe
-from ldm_pipeline.errors import InputError
+from ldm_pipeline.errors import InputError, out_of_memory
 from ldm_pipeline.files import write_atomically
 from ldm_pipeline.tokenizer import token_ids
 
@@ -138,8 +138,21 @@ def decode_row(item: dict, it: RowToDecode, o: dict) -> dict:
     return out
 
 
-def _out_of_memory(err: RuntimeError) -> bool:
-    return type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(err)
+@torch.no_grad()
+def encode_samples(vae, samples: list[dict], flip: bool, masks: bool) -> dict[str, torch.Tensor]:
+    """Decoded samples' VAE posterior in fp32 (``mean``, ``std``, with ``flip`` the mirrored
+    images' ``*_flipped`` too) and with ``masks`` their loss masks averaged to the latent grid
+    (0-255; all 255 where a sample has none)."""
+    x = torch.stack([s["pixels"] for s in samples]).to(vae.device, vae.dtype) / 127.5 - 1.0
+    out = {}
+    with torch.autocast(vae.device.type, enabled=False):
+        for suffix, batch in (("", x), ("_flipped", x.flip(-1))) if flip else (("", x),):
+            dist = vae.encode(batch).latent_dist
+            out["mean" + suffix], out["std" + suffix] = dist.mean.float().cpu(), dist.std.float().cpu()
+    if masks:
+        full = [s["mask"] if s["mask"] is not None else torch.full_like(s["pixels"][:1], 255) for s in samples]
+        out["mask"] = F.interpolate(torch.stack(full).float(), size=out["mean"].shape[-2:], mode="area")
+    return out
 
 
 class _ShardBuilder:
@@ -163,26 +176,20 @@ class _ShardBuilder:
         good = [s for s in samples if s["pixels"] is not None]
         if not good:
             return
-        x = torch.stack([s["pixels"] for s in good]).to(self.vae.device, self.vae.dtype) / 127.5 - 1.0
-        self._append("rows", torch.tensor([s["position"] for s in good]))
-        self.names += [s["name"] for s in good]
         try:
-            for suffix, batch in (("", x), ("_flipped", x.flip(-1))) if self.flip else (("", x),):
-                dist = self.vae.encode(batch).latent_dist
-                self._append("mean" + suffix, dist.mean.float().cpu())
-                self._append("std" + suffix, dist.std.float().cpu())
+            out = encode_samples(self.vae, good, self.flip, self.masks)
         except RuntimeError as err:
-            if not _out_of_memory(err):
+            if not out_of_memory(err):
                 raise
+            h, w = good[0]["pixels"].shape[-2:]
             raise InputError(
-                f"out of memory encoding {len(good)} image(s) of {x.shape[-1]}x{x.shape[-2]} with the VAE; "
+                f"out of memory encoding {len(good)} image(s) of {w}x{h} with the VAE; "
                 f"set data.encode_batch_size to fewer (now {self.batch_setting or f'auto: {len(good)}'})"
             ) from err
-        if self.masks:
-            m = torch.stack(
-                [s["mask"] if s["mask"] is not None else torch.full_like(s["pixels"][:1], 255) for s in good]
-            )
-            self._append("mask", F.interpolate(m.float(), size=self.parts["mean"][-1].shape[-2:], mode="area"))
+        self._append("rows", torch.tensor([s["position"] for s in good]))
+        self.names += [s["name"] for s in good]
+        for name, value in out.items():
+            self._append(name, value)
 
     def _append(self, name: str, value: torch.Tensor) -> None:
         self.parts.setdefault(name, []).append(value)
@@ -204,8 +211,7 @@ def _latent_plan(source: SourceSet, vae, flip: bool, shard_mb: float) -> list[tu
     """Each bucket's rows (in source order) cut into shards of at most ``shard_mb``."""
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     plans = []
-    for bucket in sorted(set(source.buckets)):
-        positions = [i for i, b in enumerate(source.buckets) if b == bucket]
+    for bucket, positions in source.by_bucket().items():
         latent = vae.config.latent_channels * (bucket[0] // factor) * (bucket[1] // factor) * 4
         row = latent * (4 if flip else 2) + 8 + (latent // vae.config.latent_channels if source.options["masks"] else 0)
         per = rows_per_shard(row, shard_mb)
