@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +9,8 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from ldm_pipeline.cli import main
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def test_generate_writes_one_png(tiny_dir, tmp_path, capsys):
@@ -119,6 +122,8 @@ def test_console_script_reports_bad_value_without_traceback(tmp_path):
         ),
         (["generate", "--prompt", "x", "--seed", "-3"], "argument --seed: must be an integer from 0"),
         (["eval", "--seed", "2.5"], "argument --seed: must be an integer, got '2.5'"),
+        (["eval", "--seed", "-1"], "argument --seed: must be an integer from 0 to 9223372036854775807, got -1"),
+        (["eval", "--seed", str(2**63)], "argument --seed: must be an integer from 0 to 9223372036854775807"),
         (["eval", "--num-samples", "ten"], "argument --num-samples: must be an integer, got 'ten'"),
     ],
 )
@@ -176,7 +181,7 @@ def test_an_error_after_a_progress_bar_starts_its_own_line(tmp_path, capsys, mon
     import ldm_pipeline.cli as cli
 
     def fails_midway(args):
-        bar = tqdm(total=10, desc="unet")
+        bar = tqdm(total=10, desc="unet", disable=False)  # even where TQDM_DISABLE=1 is exported
         bar.update(3)
         raise NonFiniteError("unet: 6 steps in a row had a non-finite loss")
 
@@ -277,3 +282,32 @@ def test_dry_run_of_a_shipped_recipe_names_its_targets_and_sizes(capsys):
         for line in lines
     )
     assert any("as many steps as fit in 12 min" in line and "held-out PSNR 31" in line for line in lines)
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32), "99999999999999999999999"])
+def test_a_run_seed_out_of_range_is_one_line_for_every_verb_that_trains(tmp_path, capsys, seed):
+    config = tmp_path / "seeded.yaml"
+    config.write_text(f"model: tiny\nseed: {seed}\n")
+    runs = [
+        ["train", str(CONFIGS / "tiny.yaml"), "--output", str(tmp_path / "a"), f"seed={seed}"],
+        ["train", str(config), "--output", str(tmp_path / "b")],
+        ["train", str(CONFIGS / "tiny.yaml"), "--output", str(tmp_path / "c"), f"data.seed={seed}"],
+        ["quickstart", "--output", str(tmp_path / "d"), f"seed={seed}"],
+    ]
+    for argv, key in zip(runs, ["seed", "seed", "data.seed", "seed"], strict=True):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err == f"ldm {argv[0]}: error: {key}: must be an integer from 0 to 4294967295 (2**32 - 1), got {seed}"
+    assert not (tmp_path / "a" / "pipeline").exists() and not (tmp_path / "d" / "pipeline").exists()
+
+
+def test_the_largest_run_seed_seeds_every_stream():
+    from accelerate.utils import set_seed
+    from ldm_pipeline.training.seeds import MAX_SEED, OFFSETS, seed_of
+
+    for run_seed in (0, MAX_SEED - 2, MAX_SEED):
+        seeds = [seed_of(run_seed, stream) for stream in OFFSETS]
+        assert len(set(seeds)) == len(OFFSETS)  # no two streams share a seed
+        for seed in seeds:
+            set_seed(seed)  # accelerate (numpy) refuses anything outside 0..2**32 - 1
+    assert seed_of(7, "unet.start") == 9  # seeds in the usual range are unchanged

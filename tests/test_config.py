@@ -41,6 +41,10 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
         ({"unet": {"learning_rate": float("inf")}}, "unet.learning_rate: must be a finite number, got inf"),
         ({"unet": {"max_grad_norm": float("nan")}}, "unet.max_grad_norm: must be a finite number, got nan"),
         ({"vae": {"target": float("-inf")}}, "vae.target: must be a finite number"),
+        ({"seed": -1}, r"seed: must be an integer from 0 to 4294967295 \(2\*\*32 - 1\), got -1"),
+        ({"seed": 2**32}, "seed: must be an integer from 0 to 4294967295 .*, got 4294967296"),
+        ({"data": {"seed": -5}}, "data.seed: must be an integer from 0 to 4294967295 .*, got -5"),
+        ({"data": {"seed": 10**30}}, "data.seed: must be an integer from 0 to 4294967295"),
         (["unet"], "a run config must be a mapping of keys"),
     ],
 )

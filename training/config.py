@@ -26,6 +26,7 @@ from ldm_pipeline.presets import PRESETS, SD_NOISE_SCHEDULE, get_preset
 from ldm_pipeline.yaml_io import YAMLSyntaxError, parse_yaml, read_yaml
 
 from ..configs import shipped
+from .seeds import MAX_SEED
 
 STAGES = ("vae", "clip", "unet")
 # Why an adapter type is refused (diffusers 0.42; tests/test_adapters.py re-checks it).
@@ -440,6 +441,9 @@ def check(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"stages: unknown stage {stage!r}; stages are {list(STAGES)}")
     _positive(cfg.data, "data", ("num_samples", "resolution"))
     d = cfg.data
+    for key, seed in (("seed", cfg.seed), ("data.seed", d.seed)):
+        if not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"{key}: must be an integer from 0 to {MAX_SEED} (2**32 - 1), got {seed}")
     if d.holdout is not None and d.holdout < 0:
         raise ConfigError(f"data.holdout: must be >= 0, got {d.holdout}")
     if d.max_aspect < 1:

@@ -4,6 +4,9 @@ ran in this process (resume)."""
 
 from __future__ import annotations
 
+# A run's seeds (``seed``, ``data.seed``): accelerate's set_seed seeds numpy, which takes 32 bits.
+MAX_SEED = 2**32 - 1
+
 # Offsets from the run's seed.
 OFFSETS = {
     # accelerate's set_seed at the start of each stage: its models' initial weights and anything
@@ -27,5 +30,6 @@ OFFSETS = {
 
 
 def seed_of(run_seed: int, stream: str) -> int:
-    """The seed of one stream of a run (``OFFSETS``' keys)."""
-    return run_seed + OFFSETS[stream]
+    """The seed of one stream of a run (``OFFSETS``' keys), wrapped into 0..``MAX_SEED`` (so that the
+    largest run seeds work too; streams stay distinct)."""
+    return (run_seed + OFFSETS[stream]) % (MAX_SEED + 1)
