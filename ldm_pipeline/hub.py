@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 from huggingface_hub import HfApi, ModelCardData
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import OfflineModeIsEnabled
 
 from .data.emoji import ATTRIBUTION as EMOJI_ATTRIBUTION
 from .data.emoji import LICENSE as EMOJI_LICENSE
@@ -25,6 +27,18 @@ from .yaml_io import parse_yaml
 # What a model repository gets: weights as safetensors, configs, tokenizer files, the card, images.
 UPLOAD_SUFFIXES = (".safetensors", ".json", ".txt", ".md", ".png")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+# What a push says when huggingface_hub's offline mode is on.
+OFFLINE = (
+    "the Hugging Face Hub's offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set); "
+    "pushing needs it off: unset it (or set it to 0) and push again"
+)
+
+
+def hub_offline() -> bool:
+    """Whether huggingface_hub's offline mode is on (it reads the environment when imported)."""
+    return bool(hf_constants.HF_HUB_OFFLINE)
 
 
 class HubError(InputError):
@@ -158,7 +172,7 @@ def push(
     uploaded and shown on the card.
 
     Raises:
-        HubError: not a model folder, or it holds pickle weights.
+        HubError: not a model folder, it holds pickle weights, or the Hub's offline mode is on.
     """
     model_dir = Path(model_dir)
     _kind(model_dir)
@@ -166,6 +180,8 @@ def push(
     pickles = [str(p.relative_to(model_dir)) for p in files if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         raise HubError(f"{model_dir} holds pickle weights {pickles[:5]}: convert them to safetensors first")
+    if hub_offline():
+        raise HubError(OFFLINE)
     grid = model_dir.parent / "grid.png"
     with tempfile.TemporaryDirectory() as staging:
         staging_dir = Path(staging)
@@ -179,8 +195,11 @@ def push(
         card = model_card(model_dir, repo_id, license, "grid.png" if grid.is_file() else None)
         (staging_dir / "README.md").write_text(card, encoding="utf-8")
         api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        info = api.upload_folder(
-            folder_path=staging_dir, repo_id=repo_id, repo_type="model", commit_message=commit_message
-        )
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            info = api.upload_folder(
+                folder_path=staging_dir, repo_id=repo_id, repo_type="model", commit_message=commit_message
+            )
+        except OfflineModeIsEnabled as err:
+            raise HubError(OFFLINE) from err
     return str(getattr(info, "commit_url", info))

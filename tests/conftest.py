@@ -19,6 +19,13 @@ def fresh_accelerator_state():
     GradientState._reset_state()
 
 
+@pytest.fixture(autouse=True)
+def no_traceback_switch(monkeypatch):
+    """The tests of one-line errors hold in a shell that exported ``LDM_TRACEBACK=1`` (the switch
+    that shows every traceback); a test that wants it sets it."""
+    monkeypatch.delenv("LDM_TRACEBACK", raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory):
     """A saved, untrained `tiny` pipeline with seeded weights."""

@@ -18,6 +18,7 @@ import yaml
 from huggingface_hub import ModelCard
 from PIL import Image
 
+from ldm_pipeline.cli import main
 from ldm_pipeline.hub import HubError, model_card, push
 from ldm_pipeline.loading import load_pipeline
 
@@ -96,9 +97,14 @@ def test_push_refuses_pickle_weights(run_dir):
 
 
 @pytest.mark.slow
-def test_ldm_push_uploads_a_loadable_pipeline_with_its_card(run_dir, tmp_path):
+@pytest.mark.parametrize("callers_shell", ["online", "HF_HUB_OFFLINE=1"])
+def test_ldm_push_uploads_a_loadable_pipeline_with_its_card(run_dir, tmp_path, monkeypatch, callers_shell):
+    if callers_shell != "online":  # the test sets the environment it needs, whatever the caller exported
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     with FakeHub() as hub:
         env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+        env.update(HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0")  # whatever the caller's shell says
         args = ["--model", str(run_dir / "pipeline"), "--repo-id", "me/shapes", "--private", "--token", "hf_test"]
         done = subprocess.run(
             [sys.executable, "-m", "ldm_pipeline.cli", "push", *args], env=env, capture_output=True, text=True
@@ -130,6 +136,7 @@ def test_training_pushes_its_result_when_asked(tmp_path, monkeypatch):
     with FakeHub() as hub:
         monkeypatch.setattr(hub_constants, "ENDPOINT", hub.url)
         monkeypatch.setattr(hub_constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)  # whatever the caller's shell says
         monkeypatch.setenv("HF_TOKEN", "hf_test")
         overrides = ["report_to=none", "vae.steps=2", "clip.steps=2", "unet.steps=2", "push_to_hub=me/smoke"]
         report = train(quickstart_config(smoke=True, overrides=overrides), tmp_path)
@@ -137,3 +144,32 @@ def test_training_pushes_its_result_when_asked(tmp_path, monkeypatch):
     assert report["hub"].startswith(f"{hub.url}/me/smoke/commit/")
     assert "unet/diffusion_pytorch_model.safetensors" in files and "README.md" in files
     assert "steps: 2" in files["README.md"].decode()  # the resolved config is on the card
+
+
+def test_pushing_while_offline_is_one_line_and_uploads_nothing(run_dir, capsys, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 in the shell
+    assert main(["push", "--model", str(run_dir / "pipeline"), "--repo-id", "me/shapes", "--token", "hf_x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ldm push: error: the Hugging Face Hub's offline mode is on (HF_HUB_OFFLINE")
+    assert "pushing needs it off" in err and len(err.splitlines()) == 1
+
+
+def test_a_run_that_cannot_push_keeps_its_outputs_and_says_where(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "run"
+    steps = ["vae.steps=1", "clip.steps=1", "unet.steps=1", "report_to=none", "unet.validation_every_steps=null"]
+    config = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
+    assert main(["train", config, "--output", str(out), *steps, "push_to_hub=me/tiny"]) == 2
+    captured = capsys.readouterr()
+    assert "warning: push_to_hub: the Hugging Face Hub's offline mode is on" in captured.out
+    assert "Traceback" not in captured.err
+    err = captured.err.strip().splitlines()[-1]  # after the progress bars
+    assert err.startswith("ldm train: error: push_to_hub: the Hugging Face Hub's offline mode is on")
+    assert f"The run's outputs are kept in {out}" in err
+    assert f"`ldm push --model {out / 'pipeline'} --repo-id me/tiny`" in err
+    assert load_pipeline(out / "pipeline").unet is not None
+    assert "unet" in json.loads((out / "train_report.json").read_text())

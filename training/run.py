@@ -167,6 +167,10 @@ def train(
     if accelerator.is_main_process:
         (out / "logs").mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+        from ldm_pipeline.hub import OFFLINE, hub_offline
+
+        if cfg.push_to_hub and hub_offline():
+            print(f"warning: push_to_hub: {OFFLINE}; this run trains and keeps its outputs in {out}, unpushed")
     # Every micro-batch fills from one bucket: a bucket smaller than the largest micro-batch (over
     # all processes) of the stages that train here is folded into its neighbour.
     batch = max(getattr(cfg, s).batch_size // getattr(cfg, s).gradient_accumulation_steps for s in stages)
@@ -208,10 +212,16 @@ def train(
         if accelerator.is_main_process:
             (out / "train_report.json").write_text(json.dumps(report, indent=2))
     if cfg.push_to_hub and accelerator.is_main_process:
-        from ldm_pipeline.hub import push
+        from ldm_pipeline.hub import HubError, push
 
         result = out / ("lora" if cfg.unet.lora is not None else "pipeline")
-        report["hub"] = push(result, cfg.push_to_hub, private=cfg.hub_private)
+        try:
+            report["hub"] = push(result, cfg.push_to_hub, private=cfg.hub_private)
+        except HubError as err:
+            raise HubError(
+                f"push_to_hub: {err}. The run's outputs are kept in {out}; push them with "
+                f"`ldm push --model {result} --repo-id {cfg.push_to_hub}`"
+            ) from err
         (out / "train_report.json").write_text(json.dumps(report, indent=2))
     accelerator.end_training()
     return report
