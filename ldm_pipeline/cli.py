@@ -48,10 +48,13 @@ def _aspect(text: str) -> float:
     return value
 
 
-def _sampling_kwargs(args: argparse.Namespace) -> dict:
-    """``--steps`` and ``--guidance`` as pipeline arguments, leaving out those not given."""
+def _sampling_kwargs(args: argparse.Namespace, pipe) -> dict:
+    """``--steps`` and ``--guidance`` as pipeline arguments; those not given are the pipeline's
+    (an LCM scheduler's: `sampling_defaults`)."""
+    from .schedulers import sampling_defaults
+
     given = {"num_inference_steps": args.steps, "guidance_scale": args.guidance}
-    return {k: v for k, v in given.items() if v is not None}
+    return {**sampling_defaults(pipe), **{k: v for k, v in given.items() if v is not None}}
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -59,8 +62,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="pipeline folder or Hub id")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--steps", type=_positive_int, default=None, help="default: the pipeline's (20)")
-    p.add_argument("--guidance", type=float, default=None, help="default: the pipeline's (2.5)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="default: the pipeline's (20; lcm: 4)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="default: the pipeline's (2.5; lcm with a LoRA: 1, no guidance batch)",
+    )
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--num-images", type=_positive_int, default=1, help="image N uses the seed --seed + N")
     p.add_argument(
@@ -109,7 +117,7 @@ def _generate(args: argparse.Namespace) -> None:
         images = pipe(
             args.prompt,
             negative_prompt=args.negative_prompt,
-            **_sampling_kwargs(args),
+            **_sampling_kwargs(args, pipe),
             num_images_per_prompt=len(seeds),
             height=args.height,
             width=args.width,
@@ -212,8 +220,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", choices=["shapes", "digits", "emoji"], default="shapes")
     p.add_argument("--num-samples", type=_positive_int, default=200)
     p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--steps", type=_positive_int, default=None, help="default: the pipeline's")
-    p.add_argument("--guidance", type=float, default=None, help="default: the pipeline's")
+    p.add_argument("--steps", type=_positive_int, default=None, help="default: the pipeline's (lcm: 4)")
+    p.add_argument("--guidance", type=float, default=None, help="default: the pipeline's (lcm with a LoRA: 1)")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="default: the model's own")
+    p.add_argument("--lora", type=Path, default=None, help="a LoRA folder to load on top (pipe.load_lora_weights)")
     p.add_argument("--clip", default=None, help="CLIP evaluator folder (default: the run's clip/ beside the model)")
     p.add_argument("--out", type=Path, required=True, help="report JSON path")
     p.add_argument(
@@ -226,15 +236,20 @@ def _eval(args: argparse.Namespace) -> None:
     import json
 
     from .evaluation import evaluate
-    from .loading import load_pipeline
+    from .loading import load_lora, load_pipeline
+    from .schedulers import make_scheduler
 
     pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
+    if args.lora is not None:
+        load_lora(pipe, args.lora)
+    if args.scheduler:
+        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     clip_dir = args.clip
     beside = Path(args.model).parent / "clip"
     if clip_dir is None and (beside / "config.json").is_file():
         clip_dir = beside
-    metrics, _ = evaluate(pipe, args.dataset, args.num_samples, args.seed, clip_dir, **_sampling_kwargs(args))
+    metrics, _ = evaluate(pipe, args.dataset, args.num_samples, args.seed, clip_dir, **_sampling_kwargs(args, pipe))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))

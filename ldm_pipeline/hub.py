@@ -113,6 +113,9 @@ def model_card(model_dir: str | Path, repo_id: str, license: str | None = None, 
     tags = ["text-to-image", "diffusers", "latent-diffusion", "ldm-pipeline"]
     if kind == "lora":
         tags.append("lora")
+    distilled = isinstance((config.get("unet") or {}).get("distill"), dict)
+    if distilled:
+        tags.append("lcm")
     card = ModelCardData(
         library_name="diffusers",
         pipeline_tag="text-to-image",
@@ -121,7 +124,27 @@ def model_card(model_dir: str | Path, repo_id: str, license: str | None = None, 
         base_model=base_model if base_model and "/" in base_model and not os.path.exists(base_model) else None,
         datasets=[dataset] if dataset and "/" in dataset and not os.path.exists(dataset) else None,
     )
-    if kind == "lora":
+    if kind == "lora" and distilled:
+        base = base_model or "<the base pipeline>"
+        usage = (
+            "from diffusers import LCMScheduler, StableDiffusionPipeline\n\n"
+            f'pipe = StableDiffusionPipeline.from_pretrained("{base}")\n'
+            "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)\n"
+            f'pipe.load_lora_weights("{repo_id}")\n'
+            "# 2-8 steps; guidance 1: the adapters learnt the guided teacher\n"
+            'image = pipe("your prompt", num_inference_steps=4, guidance_scale=1.0).images[0]'
+        )
+        what = f"LCM-LoRA adapters for `{base}` (latent consistency distillation), trained with ldm-pipeline."
+    elif distilled:
+        usage = (
+            "from diffusers import LatentConsistencyModelPipeline\n\n"
+            f'pipe = LatentConsistencyModelPipeline.from_pretrained("{repo_id}", safety_checker=None)\n'
+            "# 2-8 steps, no guidance batch: the guidance scale goes in through the UNet's embedding\n"
+            'image = pipe("your prompt", num_inference_steps=4, guidance_scale=2.5).images[0]\n\n'
+            "# or with ldm-pipeline: `ldm generate --model ...` (4 steps by default)"
+        )
+        what = f"A latent consistency model distilled from `{base_model}` with ldm-pipeline: few-step sampling."
+    elif kind == "lora":
         base = base_model or "<the base pipeline>"
         usage = (
             "from diffusers import StableDiffusionPipeline\n\n"

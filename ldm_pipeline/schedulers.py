@@ -10,6 +10,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
@@ -152,7 +153,25 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     "unipc": (UniPCMultistepScheduler, {}),
     "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
     "pc-langevin": (LangevinCorrectorScheduler, {"corrector_steps": 1, "snr": 0.1}),
+    # For latent consistency models (distilled with unet.distill): a few steps, no guidance batch.
+    "lcm": (LCMScheduler, {}),
 }
+
+# A latent consistency model's steps when none are asked for (LCM, Luo et al. 2023: 2-8 steps).
+LCM_STEPS = 4
+
+
+def sampling_defaults(pipe) -> dict:
+    """Sampling arguments a pipeline needs beyond its ``__call__``'s defaults: with an LCM
+    scheduler, ``LCM_STEPS`` steps, and for a UNet without a guidance embedding (an LCM-LoRA on
+    its base model) guidance scale 1: the student learnt the guided teacher, so a guidance batch
+    would apply guidance twice."""
+    if not isinstance(pipe.scheduler, LCMScheduler):
+        return {}
+    defaults = {"num_inference_steps": LCM_STEPS}
+    if pipe.unet.config.time_cond_proj_dim is None:
+        defaults["guidance_scale"] = 1.0
+    return defaults
 
 
 def make_scheduler(name: str, config: dict) -> SchedulerMixin:

@@ -245,6 +245,28 @@ class LoRAConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Latent consistency distillation of the pretrained UNet, the teacher (Luo et al. 2023, LCM,
+    arXiv 2310.04378; training/consistency.py). With ``unet.lora`` the student is LoRA adapters on
+    the teacher (LCM-LoRA, arXiv 2311.05556: no guidance input, its own target); without, a full
+    UNet with a guidance-scale embedding (``time_cond_proj_dim``), pulled onto an EMA target.
+    Either samples in 2-8 steps with diffusers' LCMScheduler and no guidance batch."""
+
+    # N: the teacher's DDIM steps over the training schedule; each step skips T / N timesteps.
+    teacher_steps: int = 50
+    # The teacher's classifier-free guidance scale s (LCM's w = s - 1), drawn uniformly from
+    # [low, high] each sample; None: the teacher pipeline's default guidance scale, both ends.
+    guidance_scale: list[float] | None = None
+    loss: Literal["huber", "l2"] = "huber"
+    # Pseudo-Huber's c (diffusers' LCM example: 0.001).
+    huber_c: float = 0.001
+    # The full student's target network: an EMA of the student with this decay (LCM: 0.95).
+    target_ema: float = 0.95
+    # Width of the full student's guidance-scale embedding (its UNet's time_cond_proj_dim).
+    guidance_embedding_dim: int = 256
+
+
+@dataclass
 class UNetConfig(StageConfig):
     """Stage ``unet``: the conditional UNet on cached latents and text embeddings (training/objectives.py)."""
 
@@ -290,6 +312,8 @@ class UNetConfig(StageConfig):
     lora: LoRAConfig | None = None
     # DreamBooth: an instance prompt for your subject's images and optional prior preservation.
     dreambooth: DreamBoothConfig | None = None
+    # Distil the pretrained UNet into a latent consistency model (few-step sampling).
+    distill: DistillConfig | None = None
     # Save the EMA UNet every this many minutes of training (for adherence-vs-time curves).
     snapshot_every_minutes: int | None = None
     # Every this many steps, sample these prompts (fixed seeds, EMA weights) into
@@ -513,6 +537,7 @@ def check(cfg: RunConfig) -> RunConfig:
     if not 0 <= cfg.unet.caption_dropout < 1:
         raise ConfigError(f"unet.caption_dropout: must be in [0, 1), got {cfg.unet.caption_dropout}")
     _check_dreambooth(cfg)
+    _check_distill(cfg)
     if not 0 <= cfg.unet.tag_dropout < 1:
         raise ConfigError(f"unet.tag_dropout: must be in [0, 1), got {cfg.unet.tag_dropout}")
     if cfg.unet.keep_tokens < 0:
@@ -538,6 +563,29 @@ def check(cfg: RunConfig) -> RunConfig:
     if cfg.vae.kl_weight < 0:
         raise ConfigError(f"vae.kl_weight: must be >= 0, got {cfg.vae.kl_weight}")
     return cfg
+
+
+def _check_distill(cfg: RunConfig) -> None:
+    d = cfg.unet.distill
+    if d is None:
+        return
+    if not (cfg.unet.pretrained or cfg.pretrained):
+        raise ConfigError("unet.distill: distils a trained model; set pretrained (a pipeline folder or Hub id)")
+    if cfg.unet.dreambooth is not None or cfg.unet.train_text_encoder:
+        raise ConfigError("unet.distill: not with unet.dreambooth or unet.train_text_encoder")
+    if not 1 <= d.teacher_steps <= 1000:
+        raise ConfigError(f"unet.distill.teacher_steps: must be in 1..1000, got {d.teacher_steps}")
+    scales = d.guidance_scale
+    if scales is not None and (len(scales) != 2 or not 1 <= scales[0] <= scales[1]):
+        raise ConfigError(f"unet.distill.guidance_scale: must be [low, high] with 1 <= low <= high, got {scales}")
+    if not 0 <= d.target_ema < 1:
+        raise ConfigError(f"unet.distill.target_ema: must be in [0, 1), got {d.target_ema}")
+    if d.huber_c <= 0:
+        raise ConfigError(f"unet.distill.huber_c: must be > 0, got {d.huber_c}")
+    if d.guidance_embedding_dim <= 0 or d.guidance_embedding_dim % 2:
+        raise ConfigError(
+            f"unet.distill.guidance_embedding_dim: must be a positive even number, got {d.guidance_embedding_dim}"
+        )
 
 
 def _check_dreambooth(cfg: RunConfig) -> None:

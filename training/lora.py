@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,6 +30,22 @@ def add_lora(model: torch.nn.Module, lora: LoRAConfig, target_modules: list[str]
     # peft's own injection: transformers' add_adapter demands a newer peft than the registry has.
     inject_adapter_in_model(config, model, adapter_name="default")
     model.peft_config = {"default": config}
+
+
+@contextlib.contextmanager
+def adapters_off(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` without its peft adapters for the block: the model they were trained on (peft's
+    ``enable_adapters``, which leaves the adapters trainable again afterwards)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def save_lora(folder: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:

@@ -19,6 +19,7 @@ from diffusers import AutoencoderKL
 from ldm_pipeline.evaluation import fit_digit_classifier, prompt_adherence
 from ldm_pipeline.evaluation.metrics import vae_reconstruction_psnr
 from ldm_pipeline.pipeline import LatentDiffusionPipeline
+from ldm_pipeline.schedulers import sampling_defaults
 
 from .data import ImageSet
 from .loop import QualityCheck
@@ -65,6 +66,7 @@ def adherence_check(
                 batch_size=num_prompts,
                 digit_classifier=classifier[0] if classifier else None,
                 stratified=True,
+                **sampling_defaults(pipe),  # an LCM student (unet.distill): its few steps
             )
         return scores["all_correct"]
 

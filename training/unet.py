@@ -43,6 +43,7 @@ from .captions import CaptionEmbedder, vary_caption
 from .checkpoint import GeneratorState
 from .config import RunConfig
 from .data import Batch, ImageSet, SourceSet, check_skipped, micro_batches
+from .distill import ConsistencyLoss, lcm_scheduler, lcm_student, lcm_target
 from .dreambooth import class_images
 from .in_loop import InLoopEncoder
 from .loop import (
@@ -116,11 +117,14 @@ class Denoiser(torch.nn.Module):
         self.unet = unet
         self.text_encoder = text_encoder
 
-    def forward(self, zt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The UNet's output; ``cond`` is embeddings, or token ids when the text encoder trains."""
+    def forward(
+        self, zt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, timestep_cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The UNet's output; ``cond`` is embeddings, or token ids when the text encoder trains;
+        ``timestep_cond`` an LCM student's guidance-scale embedding."""
         if self.text_encoder is not None:
             cond = self.text_encoder(cond)[0]
-        return self.unet(zt, t, encoder_hidden_states=cond).sample
+        return self.unet(zt, t, encoder_hidden_states=cond, timestep_cond=timestep_cond).sample
 
 
 def frozen_parts(cfg: RunConfig, out: Path) -> tuple[AutoencoderKL, CLIPTextModel, CLIPTokenizer]:
@@ -144,13 +148,16 @@ def uses_channels_last(memory_format: str) -> bool:
     return memory_format == "channels_last"
 
 
-def _unet(cfg: RunConfig) -> UNet2DConditionModel:
-    """The UNet (pretrained or new) in the configured memory format and attention."""
+def _unet(cfg: RunConfig, student: bool = False) -> UNet2DConditionModel:
+    """The UNet (pretrained or new) in the configured memory format and attention; a full LCM
+    student (``unet.distill`` without LoRA) gets its guidance-scale input."""
     c = cfg.unet
     if c.pretrained:
         unet = load_component(UNet2DConditionModel, c.pretrained, "unet", cfg.allow_pickle)
     else:
         unet = build_unet(get_preset(cfg.model))
+    if student and c.distill is not None and c.lora is None:
+        unet = lcm_student(unet, c.distill.guidance_embedding_dim)
     if uses_channels_last(c.memory_format):
         unet = unet.to(memory_format=torch.channels_last)
     if c.attention == "auto":
@@ -167,7 +174,7 @@ def trained_modules(cfg: RunConfig, text_encoder: CLIPTextModel) -> Denoiser:
     """The UNet (pretrained or new) and, with ``unet.train_text_encoder``, the text encoder, with
     LoRA adapters when ``unet.lora`` is set; what trains has ``requires_grad``."""
     c = cfg.unet
-    unet = _unet(cfg)
+    unet = _unet(cfg, student=True)
     if c.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if c.lora is not None:
@@ -476,16 +483,26 @@ def train_unet(
     teacher = None
     if prior is not None and c.dreambooth.prior_target == "model":
         teacher = untuned_unet(cfg).to(accelerator.device)
-    loss = DenoisingLoss(cfg, caches, parts, model, sampler, accelerator, prior.images if prior else None, teacher)
+    denoising = DenoisingLoss(cfg, caches, parts, model, sampler, accelerator, prior.images if prior else None, teacher)
+    stateful = {"batches": denoising.batches, "generator": GeneratorState(denoising.generator)}
+    loss = denoising
+    if c.distill is not None:
+        # LCM-LoRA: the teacher is the student's UNet with its adapters off, the target the student.
+        teacher = target = None
+        if c.lora is None:
+            teacher = untuned_unet(cfg).to(accelerator.device)
+            target = Denoiser(lcm_target(accelerator.unwrap_model(model).unet), None)
+            stateful["lcm_target"] = target
+        loss = ConsistencyLoss(denoising, c.distill, teacher, target, accelerator)
+        sampler = lcm_scheduler(sampler)
     views = EMAViews(model, ema, accelerator, parts, sampler, c, out)
     if c.pretrained:
         views.remember_base()
     check = None
     if c.eval_every:
         check = adherence_check(cfg.data.name, views.pipeline, c.quality_prompts, c.eval_every, c.target, c.decay_at)
-    stateful = {"batches": loss.batches, "generator": GeneratorState(loss.generator)}
-    if loss.prior_batches is not None:
-        stateful["class_batches"] = loss.prior_batches
+    if denoising.prior_batches is not None:
+        stateful["class_batches"] = denoising.prior_batches
     result = run_loop(
         accelerator,
         model,
@@ -513,8 +530,8 @@ def train_unet(
         "buckets": {bucket_name(b): len(b) for b in caches.buckets[: caches.train]},
         **result.quality_report(check),
     }
-    if loss.embed is not None and loss.varies:
-        metrics["captions_encoded_in_loop"] = loss.embed.encoded
+    if denoising.embed is not None and denoising.varies:
+        metrics["captions_encoded_in_loop"] = denoising.embed.encoded
     if prior is not None:
         last = next((e for e in reversed(result.losses) if "prior_loss" in e), {})
         metrics["class_images"] = prior.report()

@@ -19,6 +19,7 @@ from PIL import Image
 
 from ldm_pipeline.images import image_grid
 from ldm_pipeline.pipeline import LatentDiffusionPipeline
+from ldm_pipeline.schedulers import sampling_defaults
 
 from .config import UNetConfig
 from .loop import log_images, trainable
@@ -58,7 +59,7 @@ class EMAViews:
         pipe.set_progress_bar_config(disable=True)
         seeds = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
         with torch.no_grad(), self.accelerator.autocast():
-            return pipe(prompts, generator=seeds).images
+            return pipe(prompts, generator=seeds, **sampling_defaults(pipe)).images
 
     def remember_base(self) -> None:
         """Sample the validation prompts with the weights as loaded, before any step (or read the
