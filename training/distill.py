@@ -107,7 +107,7 @@ class ConsistencyLoss:
     def __call__(self, step: int) -> dict[str, torch.Tensor]:
         self._follow(step)
         batch = next(self.batches)
-        p = self.base._noised(batch)
+        p = self.base.noised(batch)
         n, part, device = len(batch.chunk), batch.part, p["z0"].device
         # Drawn for the whole micro-batch over all processes, then cut, as the base's draws are.
         index = torch.randint(len(self.solver.timesteps), (n,), generator=self.generator)[part]

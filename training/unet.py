@@ -366,7 +366,7 @@ class DenoisingLoss:
             picked = [vary_caption(t, c.shuffle_tags, c.keep_tokens, c.tag_dropout, generator) for t in picked]
         return [text if k else "" for text, k in zip(picked, keep, strict=True)]
 
-    def _noised(self, batch: Batch) -> dict[str, torch.Tensor | None]:
+    def noised(self, batch: Batch) -> dict[str, torch.Tensor | None]:
         """One micro-batch's model input and regression terms: z0 drawn from the cached posterior
         (flipped half the time with ``random_flip``), noised at uniform timesteps, its captions'
         condition, and with ``masked_loss`` its loss masks averaged to the latent grid."""
@@ -446,10 +446,10 @@ class DenoisingLoss:
         return instance, self._matched(classes).mean() + self._matched(anchor).mean()
 
     def __call__(self, step: int) -> dict[str, torch.Tensor]:
-        parts = [self._noised(next(self.batches))]
+        parts = [self.noised(next(self.batches))]
         if self.prior_batches is None:
             return {"loss": self._per_sample(parts)[0].mean()}
-        parts.append(self._noised(next(self.prior_batches)))
+        parts.append(self.noised(next(self.prior_batches)))
         if self.teacher is not None:
             instance, prior = self._preserved(*parts)
         else:
