@@ -170,7 +170,9 @@ def _train_command(args, table: Path, pipeline: Path, out: Path) -> tuple[list[s
     if args.previous:
         # The code of an earlier commit (a `git worktree` with ldm_pipeline/training and
         # ldm_pipeline/configs linked to its training/ and configs/), run in its own process.
-        entry = "import sys; from ldm_pipeline.cli import main; sys.exit(main())"
+        # `python -c` puts the working directory first on sys.path: the earlier code goes before it.
+        first = f"import sys; sys.path.insert(0, {args.previous!r}); "
+        entry = first + "from ldm_pipeline.cli import main; sys.exit(main())"
         return [sys.executable, "-c", entry, "train", "finetune-lora", "--output", str(out), *overrides], {
             "PYTHONPATH": args.previous
         }

@@ -15,7 +15,7 @@ import random
 import torch
 
 from .pipeline import LatentDiffusionPipeline
-from .schedulers import SCHEDULERS, make_scheduler
+from .schedulers import SCHEDULERS, make_scheduler, sampling_defaults
 
 # No usage reports from a page served on this machine.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -93,6 +93,10 @@ def build_app(pipe: LatentDiffusionPipeline, title: str = "ldm-pipeline"):
     pipe.set_progress_bar_config(disable=True)
     size, factor = pipe.default_size, pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
 
+    # The sliders start at the pipeline's defaults: an LCM pipeline's few steps (and guidance 1
+    # for an LCM-LoRA, which has no guidance input).
+    start = {"num_inference_steps": 20, "guidance_scale": 2.5, **sampling_defaults(pipe)}
+
     # Gradio finds the progress tracker through this default value.
     tracker = gr.Progress()
 
@@ -122,8 +126,8 @@ def build_app(pipe: LatentDiffusionPipeline, title: str = "ldm-pipeline"):
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", elem_id="negative-prompt")
                 with gr.Row():
-                    steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
-                    guidance = gr.Slider(0.0, 15.0, value=2.5, step=0.5, label="Guidance")
+                    steps = gr.Slider(1, 100, value=start["num_inference_steps"], step=1, label="Steps")
+                    guidance = gr.Slider(0.0, 15.0, value=start["guidance_scale"], step=0.5, label="Guidance")
                 with gr.Row():
                     seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id="seed")
                     scheduler = gr.Dropdown(

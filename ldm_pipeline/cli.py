@@ -262,6 +262,8 @@ def _add_app(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=_positive_int, default=7860)
     p.add_argument("--host", default="127.0.0.1", help="default: this machine only; 0.0.0.0 to serve the network")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first request, faster after)")
+    p.add_argument("--lora", type=Path, default=None, help="a LoRA folder to load on top (pipe.load_lora_weights)")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="the page's default scheduler")
     p.add_argument(
         "--allow-pickle", action="store_true", help="also load pickle (.bin) weights: only if you trust them"
     )
@@ -274,9 +276,14 @@ def _app(args: argparse.Namespace) -> None:
     except ImportError as err:
         raise InputError('the app needs Gradio: pip install "ldm-pipeline[app]"') from err
     from .app import build_app
-    from .loading import load_pipeline
+    from .loading import load_lora, load_pipeline
+    from .schedulers import make_scheduler
 
     pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
+    if args.lora is not None:
+        load_lora(pipe, args.lora)
+    if args.scheduler:
+        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     if args.compile:
         pipe.unet.compile()
     build_app(pipe, title=f"ldm-pipeline: {args.model}").queue().launch(server_name=args.host, server_port=args.port)

@@ -59,6 +59,20 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
+def test_the_page_starts_at_an_lcm_pipelines_few_steps_without_guidance_for_a_lora(pipe):
+    from diffusers import LCMScheduler
+
+    def sliders(app) -> dict:
+        return {b.label: b.value for b in app.blocks.values() if type(b).__name__ == "Slider"}
+
+    assert {k: v for k, v in sliders(build_app(pipe)).items() if k in ("Steps", "Guidance")} == {
+        "Steps": 20,
+        "Guidance": 2.5,
+    }
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)  # `ldm app --scheduler lcm --lora ...`
+    assert sliders(build_app(pipe))["Steps"] == 4 and sliders(build_app(pipe))["Guidance"] == 1.0
+
+
 def test_page_in_headless_chromium_generates_images(pipe, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
