@@ -14,6 +14,12 @@ the seconds of both warm-up calls are reported as ``ours_warmup_seconds``. Cases
   with ``pipe.unet.compile()`` (the warm-up call pays the compilation, which is timed and reported
   apart).
 
+With ``--distilled FOLDER`` (a latent consistency model distilled from ``--model``: ``unet.distill``,
+configs/lcm.yaml), the cases ``lcm_fp32`` and ``lcm_bf16`` time three pipelines alternating: the
+distilled one at its sampling defaults (4 steps, the guidance in its embedding, no guidance
+batch), ours on the teacher at its defaults (20 steps) and stock on the teacher at its defaults
+(50 steps, guidance 7.5), with the adherence of each.
+
 ``--breakdown`` also times the parts of one of our fp32 calls at batch 1 (text encoder, UNet
 loop, VAE decode), the ceiling of what caching prompt embeddings could save; wrapping the UNet's
 forward to time it keeps that call eager.
@@ -21,6 +27,8 @@ forward to time it keeps that call eager.
 Usage::
 
     python benchmarks/sampling_speed.py --model runs/quickstart/pipeline --out benchmarks/results/sampling-speed.json
+    python benchmarks/sampling_speed.py --model runs/quickstart/pipeline --distilled runs/lcm/pipeline --cases \
+        --out benchmarks/results/sampling-speed-lcm.json     # the distilled rows alone (`--cases` with no names)
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from diffusers import StableDiffusionPipeline
 
 from ldm_pipeline.evaluation import evaluate
 from ldm_pipeline.loading import load_pipeline
+from ldm_pipeline.schedulers import sampling_defaults
 
 PROMPT = "a red circle on a white background"
 CASES = ("defaults", "fp32", "bf16", "fp32_compiled", "bf16_compiled")
@@ -102,6 +111,29 @@ def _breakdown(model: Path, steps: int, repeats: int) -> dict[str, float]:
     return parts
 
 
+def _distilled_case(args: argparse.Namespace, case: str, dtype: torch.dtype | None) -> dict:
+    """The distilled pipeline at its defaults against ours and stock on the teacher at theirs."""
+    ours, stock = _load(args.model, dtype)
+    lcm = load_pipeline(args.distilled, torch_dtype=dtype)
+    lcm.set_progress_bar_config(disable=True)
+    kwargs = {"lcm": sampling_defaults(lcm), "ours": {}, "stock": {}}
+    pipes = {"lcm": lcm, "ours": ours, "stock": stock}
+    entry: dict = {"call_kwargs": kwargs, "results": {}}
+    for batch in args.batch_sizes:
+        speed, _ = _time(pipes, kwargs, batch, args.repeats)
+        row = {f"{name}_images_per_s": round(value, 2) for name, value in speed.items()}
+        row["lcm_vs_stock_defaults"] = round(speed["lcm"] / speed["stock"], 2)
+        row["lcm_vs_ours_defaults"] = round(speed["lcm"] / speed["ours"], 2)
+        entry["results"][f"batch {batch}"] = row
+        print(case, f"batch {batch}", row, flush=True)
+    if args.quality_samples:
+        for name, pipe in pipes.items():
+            metrics, _ = evaluate(pipe, "shapes", args.quality_samples, seed=1, **kwargs[name])
+            entry[f"{name}_all_correct"] = metrics["all_correct"]
+        print(case, "adherence", {k: v for k, v in entry.items() if k.endswith("all_correct")}, flush=True)
+    return entry
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
@@ -110,8 +142,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quality-samples", type=int, default=200, help="0 skips the adherence check")
     parser.add_argument("--compile", action="store_true", help="add the fp32 and bf16 cases with ours compiled")
-    parser.add_argument("--cases", nargs="*", choices=CASES, default=None, help="run only these cases")
+    parser.add_argument(
+        "--cases", nargs="*", choices=CASES, default=None, help="run only these cases (none: only --distilled's)"
+    )
     parser.add_argument("--breakdown", action="store_true", help="time the parts of one fp32 call")
+    parser.add_argument("--distilled", type=Path, default=None, help="an LCM pipeline distilled from --model")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -125,7 +160,7 @@ def main() -> None:
         "fp32_compiled": (None, {"ours": same, "stock": same}),
         "bf16_compiled": (torch.bfloat16, {"ours": same, "stock": same}),
     }
-    chosen = args.cases or [c for c in CASES if args.compile or not c.endswith("_compiled")]
+    chosen = args.cases if args.cases is not None else [c for c in CASES if args.compile or not c.endswith("_compiled")]
     for case in chosen:
         dtype, kwargs = cases[case]
         ours, stock = _load(args.model, dtype)
@@ -152,6 +187,9 @@ def main() -> None:
                 entry[f"{name}_all_correct"] = metrics["all_correct"]
             print(case, "adherence", entry["ours_all_correct"], entry["stock_all_correct"], flush=True)
         results["cases"][case] = entry
+    if args.distilled:
+        for case, dtype in (("lcm_fp32", None), ("lcm_bf16", torch.bfloat16)):
+            results["cases"][case] = _distilled_case(args, case, dtype)
     if args.breakdown:
         results["breakdown_batch_1"] = _breakdown(args.model, args.steps, args.repeats)
         print("breakdown", results["breakdown_batch_1"], flush=True)
