@@ -57,6 +57,19 @@ def _sampling_kwargs(args: argparse.Namespace, pipe) -> dict:
     return {**sampling_defaults(pipe), **{k: v for k, v in given.items() if v is not None}}
 
 
+def _sampling_pipeline(args: argparse.Namespace):
+    """``--model`` loaded for sampling, with ``--lora`` on top and ``--scheduler`` in place when given."""
+    from .loading import load_lora, load_pipeline
+    from .schedulers import make_scheduler
+
+    pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
+    if args.lora is not None:
+        load_lora(pipe, args.lora)
+    if args.scheduler:
+        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    return pipe
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate images from a prompt with a saved pipeline")
     p.add_argument("--model", required=True, help="pipeline folder or Hub id")
@@ -92,19 +105,13 @@ def _generate(args: argparse.Namespace) -> None:
     from transformers.utils import logging as transformers_logging
 
     from .images import image_grid
-    from .loading import load_lora, load_pipeline
-    from .schedulers import make_scheduler
 
     if args.out.suffix.lower() != ".png":
         raise InputError(f"--out must end in .png, got {args.out}")
     # Loading bars would bury the one line the command prints; the sampling bar stays.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
-    if args.lora is not None:
-        load_lora(pipe, args.lora)
-    if args.scheduler:
-        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    pipe = _sampling_pipeline(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     count, batch = args.num_images, min(args.batch_size, args.num_images)
     kept = []  # for the grid; beyond GRID_LIMIT images only the files are written
@@ -236,14 +243,8 @@ def _eval(args: argparse.Namespace) -> None:
     import json
 
     from .evaluation import evaluate
-    from .loading import load_lora, load_pipeline
-    from .schedulers import make_scheduler
 
-    pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
-    if args.lora is not None:
-        load_lora(pipe, args.lora)
-    if args.scheduler:
-        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    pipe = _sampling_pipeline(args)
     pipe.set_progress_bar_config(disable=True)
     clip_dir = args.clip
     beside = Path(args.model).parent / "clip"
@@ -276,14 +277,8 @@ def _app(args: argparse.Namespace) -> None:
     except ImportError as err:
         raise InputError('the app needs Gradio: pip install "ldm-pipeline[app]"') from err
     from .app import build_app
-    from .loading import load_lora, load_pipeline
-    from .schedulers import make_scheduler
 
-    pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
-    if args.lora is not None:
-        load_lora(pipe, args.lora)
-    if args.scheduler:
-        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    pipe = _sampling_pipeline(args)
     if args.compile:
         pipe.unet.compile()
     build_app(pipe, title=f"ldm-pipeline: {args.model}").queue().launch(server_name=args.host, server_port=args.port)
