@@ -16,7 +16,6 @@ from pathlib import Path
 import yaml
 from huggingface_hub import HfApi, ModelCardData
 from huggingface_hub import constants as hf_constants
-from huggingface_hub.errors import OfflineModeIsEnabled
 
 from .data.emoji import ATTRIBUTION as EMOJI_ATTRIBUTION
 from .data.emoji import LICENSE as EMOJI_LICENSE
@@ -37,7 +36,8 @@ OFFLINE = (
 
 
 def hub_offline() -> bool:
-    """Whether huggingface_hub's offline mode is on (it reads the environment when imported)."""
+    """Whether huggingface_hub's offline mode is on: the flag its requests check before they go
+    out (it reads the environment when imported)."""
     return bool(hf_constants.HF_HUB_OFFLINE)
 
 
@@ -218,11 +218,8 @@ def push(
         card = model_card(model_dir, repo_id, license, "grid.png" if grid.is_file() else None)
         (staging_dir / "README.md").write_text(card, encoding="utf-8")
         api = HfApi(token=token)
-        try:
-            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            info = api.upload_folder(
-                folder_path=staging_dir, repo_id=repo_id, repo_type="model", commit_message=commit_message
-            )
-        except OfflineModeIsEnabled as err:
-            raise HubError(OFFLINE) from err
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(
+            folder_path=staging_dir, repo_id=repo_id, repo_type="model", commit_message=commit_message
+        )
     return str(getattr(info, "commit_url", info))
