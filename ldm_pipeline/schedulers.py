@@ -21,6 +21,18 @@ from diffusers.utils.torch_utils import randn_tensor
 from .errors import InputError
 
 
+def implied_noise(model_output: torch.Tensor, sample: torch.Tensor, alpha: torch.Tensor, kind: str) -> torch.Tensor:
+    """The ε a model's output implies at ``sample`` = √ᾱ x_0 + √(1 − ᾱ) ε, for its prediction type
+    (``alpha``: ᾱ_t, broadcastable over ``sample``)."""
+    if kind == "epsilon":
+        return model_output
+    if kind == "v_prediction":
+        return alpha.sqrt() * model_output + (1 - alpha).sqrt() * sample
+    if kind == "sample":
+        return (sample - alpha.sqrt() * model_output) / (1 - alpha).sqrt()
+    raise ValueError(f"unknown prediction_type {kind!r}")
+
+
 class LangevinCorrectorScheduler(SchedulerMixin, ConfigMixin):
     """Predictor-corrector sampling of the reverse VP SDE (Song et al. 2021, "Score-Based
     Generative Modeling through Stochastic Differential Equations", Algorithms 2 and 5).
@@ -89,14 +101,7 @@ class LangevinCorrectorScheduler(SchedulerMixin, ConfigMixin):
 
     def _epsilon(self, model_output: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
         a = self.alphas_cumprod[t].to(sample.device, torch.float32)
-        kind = self.config.prediction_type
-        if kind == "epsilon":
-            return model_output
-        if kind == "v_prediction":
-            return a.sqrt() * model_output + (1 - a).sqrt() * sample
-        if kind == "sample":
-            return (sample - a.sqrt() * model_output) / (1 - a).sqrt()
-        raise ValueError(f"unknown prediction_type {kind!r}")
+        return implied_noise(model_output, sample, a, self.config.prediction_type)
 
     def langevin_step(
         self, model_output: torch.Tensor, t: int, sample: torch.Tensor, noise: torch.Tensor

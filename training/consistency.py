@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDPMScheduler, LCMScheduler
 
+from ldm_pipeline.schedulers import implied_noise
+
 # LCMScheduler's: the data's standard deviation in the boundary scalings (Song et al. 2023,
 # "Consistency Models", appendix C) and the factor on the timestep that makes c_skip vanish one
 # step away from the boundary.
@@ -51,13 +53,7 @@ def predicted_noise(
 ) -> torch.Tensor:
     """The ε a UNet's output implies at (x_t, t): the direction DDIM keeps along the trajectory."""
     alpha = alphas_cumprod.to(x_t.device)[t].view(-1, 1, 1, 1).to(x_t.dtype)
-    if kind == "epsilon":
-        return output
-    if kind == "v_prediction":
-        return alpha.sqrt() * output + (1 - alpha).sqrt() * x_t
-    if kind == "sample":
-        return (x_t - alpha.sqrt() * output) / (1 - alpha).sqrt()
-    raise ValueError(f"unknown prediction type {kind!r}")
+    return implied_noise(output, x_t, alpha, kind)
 
 
 def consistency_output(
