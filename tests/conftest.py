@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -45,3 +48,22 @@ def pipe(tiny_dir) -> LatentDiffusionPipeline:
 
 def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def resume_elsewhere(cfg, checkpoint: Path, folder: Path) -> None:
+    """Train ``cfg`` in a new run ``folder`` that holds only ``checkpoint`` (a stage's ``step-N``)
+    and its run's config.yaml, resuming from it: what a run killed right after that checkpoint does."""
+    from ldm_pipeline.training.run import train
+
+    stage_dir = folder / "checkpoints" / checkpoint.parent.name
+    stage_dir.mkdir(parents=True)
+    shutil.copytree(checkpoint, stage_dir / checkpoint.name)
+    shutil.copy(checkpoint.parents[2] / "config.yaml", folder / "config.yaml")
+    train(cfg, folder, resume=str(stage_dir / checkpoint.name))
+
+
+def saved_unet(run: Path) -> dict[str, torch.Tensor]:
+    """The UNet weights of a run's saved pipeline."""
+    from safetensors.torch import load_file
+
+    return load_file(next((run / "pipeline" / "unet").glob("*.safetensors")))

@@ -1,12 +1,11 @@
 """Latent consistency distillation as a UNet stage (``unet.distill``): the student, resume, and
 loading the results in stock diffusers (training/distill.py)."""
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import resume_elsewhere, saved_unet
 from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
 from ldm_pipeline.training.config import ConfigError, config_from_dict, load_config
 from ldm_pipeline.training.distill import lcm_student
@@ -140,13 +139,8 @@ def test_distillation_resumes_exactly_with_its_target_network(tiny_dir, tmp_path
     train(cfg, tmp_path / "whole")
     step2 = tmp_path / "whole" / "checkpoints" / "unet" / "step-00000002"
     assert "lcm_target" in str(load_file(step2 / "state.safetensors").keys())
-    again = tmp_path / "again"
-    (again / "checkpoints" / "unet").mkdir(parents=True)
-    shutil.copytree(step2, again / "checkpoints" / "unet" / step2.name)
-    shutil.copy(tmp_path / "whole" / "config.yaml", again / "config.yaml")
-    train(cfg, again, resume=str(again / "checkpoints" / "unet" / step2.name))
-    first = load_file(next((tmp_path / "whole" / "pipeline" / "unet").glob("*.safetensors")))
-    second = load_file(next((again / "pipeline" / "unet").glob("*.safetensors")))
+    resume_elsewhere(cfg, step2, tmp_path / "again")
+    first, second = saved_unet(tmp_path / "whole"), saved_unet(tmp_path / "again")
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 

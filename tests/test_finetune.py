@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import resume_elsewhere, saved_unet
 from diffusers import StableDiffusionPipeline
 from ldm_pipeline.training.config import ConfigError, config_from_dict
 from ldm_pipeline.training.run import train
@@ -221,8 +222,6 @@ def test_a_pretrained_model_with_another_prediction_type_is_not_silently_retarge
 
 @pytest.mark.slow
 def test_encoding_in_the_loop_trains_writes_no_latent_cache_and_resumes_exactly(tiny_dir, user_folder, tmp_path):
-    import shutil as sh
-
     cfg = _config(tiny_dir, user_folder, steps=4, checkpoint_every=2, checkpoint_keep=3)
     cfg.data.cache = "none"
     cfg.data.random_flip = True
@@ -231,11 +230,6 @@ def test_encoding_in_the_loop_trains_writes_no_latent_cache_and_resumes_exactly(
     assert not list((tmp_path / "whole" / "cache").glob("latent-shards-*"))
     step2 = tmp_path / "whole" / "checkpoints" / "unet" / "step-00000002"
     assert step2.is_dir()
-    again = tmp_path / "again"
-    (again / "checkpoints" / "unet").mkdir(parents=True)
-    sh.copytree(step2, again / "checkpoints" / "unet" / step2.name)
-    sh.copy(tmp_path / "whole" / "config.yaml", again / "config.yaml")
-    train(cfg, again, resume=str(again / "checkpoints" / "unet" / step2.name))
-    first = load_file(next((tmp_path / "whole" / "pipeline" / "unet").glob("*.safetensors")))
-    second = load_file(next((again / "pipeline" / "unet").glob("*.safetensors")))
+    resume_elsewhere(cfg, step2, tmp_path / "again")
+    first, second = saved_unet(tmp_path / "whole"), saved_unet(tmp_path / "again")
     assert all(torch.equal(first[k], second[k]) for k in first)
