@@ -567,10 +567,10 @@ class LatentDiffusionPipeline(
                 scale, embedding_dim=self.unet.config.time_cond_proj_dim
             ).to(device=device, dtype=latents.dtype)
 
-        # 7. Denoising loop. On the CPU the UNet forward may replay a trace (`enable_unet_tracing`);
-        # a call with per-call UNet settings (attention kwargs, image prompts, a guidance
-        # embedding) runs it eagerly, since a trace takes only the sample, timestep and text.
-        plain = cross_attention_kwargs is None and added_cond_kwargs is None and timestep_cond is None
+        # 7. Denoising loop. On the CPU the UNet forward may replay a trace (`enable_unet_tracing`),
+        # which takes the sample, timestep, text and guidance embedding; a call with other per-call
+        # UNet settings (attention kwargs, image prompts) runs it eagerly.
+        plain = cross_attention_kwargs is None and added_cond_kwargs is None
         unet_forward = self._unet_traces.runner(self.unet, enabled=self._unet_tracing and plain)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
@@ -579,7 +579,7 @@ class LatentDiffusionPipeline(
                 model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
                 if plain:
-                    noise_pred = unet_forward(model_input, t, prompt_embeds)
+                    noise_pred = unet_forward(model_input, t, prompt_embeds, timestep_cond)
                 else:
                     noise_pred = self.unet(
                         model_input,

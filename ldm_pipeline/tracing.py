@@ -77,24 +77,37 @@ def plain_signature(unet: torch.nn.Module) -> Hashable | None:
 
 
 class _UNetCall(torch.nn.Module):
-    """The pipeline's UNet call as a module of tensors in, tensor out, which ``torch.jit.trace`` needs."""
+    """The pipeline's UNet call as a module of tensors in, tensor out, which ``torch.jit.trace``
+    needs: ``(sample, timestep, encoder_hidden_states[, timestep_cond])``, the last one the
+    guidance embedding of an LCM-distilled UNet."""
 
     def __init__(self, unet: UNet2DConditionModel):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        timestep_cond: torch.Tensor | None = None,
+    ):
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            timestep_cond=timestep_cond,
+            return_dict=False,
+        )[0]
 
 
-def trace_unet(
-    unet: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
-) -> torch.jit.ScriptModule:
-    """``torch.jit.trace`` of ``unet(sample, timestep, encoder_hidden_states=...)``, for these shapes and dtypes."""
+def trace_unet(unet: UNet2DConditionModel, *inputs: torch.Tensor) -> torch.jit.ScriptModule:
+    """``torch.jit.trace`` of ``unet(sample, timestep, encoder_hidden_states=...[, timestep_cond=...])``
+    for these shapes and dtypes."""
     with warnings.catch_warnings():
         # Its warnings are about shape-dependent Python branches, which a trace's key fixes.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        return torch.jit.trace(_UNetCall(unet), (sample, timestep, encoder_hidden_states), check_trace=False)
+        return torch.jit.trace(_UNetCall(unet), inputs, check_trace=False)
 
 
 def _inputs_key(*tensors: torch.Tensor) -> tuple:
@@ -118,10 +131,9 @@ class UNetTraces:
         self._seen.clear()
         self._failed.clear()
 
-    def runner(
-        self, unet: UNet2DConditionModel, enabled: bool = True
-    ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The UNet forward for one pipeline call: ``run(sample, timestep, encoder_hidden_states)``.
+    def runner(self, unet: UNet2DConditionModel, enabled: bool = True) -> Callable[..., torch.Tensor]:
+        """The UNet forward for one pipeline call: ``run(sample, timestep, encoder_hidden_states,
+        timestep_cond=None)``.
 
         Keys first met in this call run eagerly; keys met in an earlier call are traced (once)
         and replayed. With ``enabled`` false, or a UNet not in a plain state, every call is eager.
@@ -134,7 +146,15 @@ class UNetTraces:
         new_this_call: set[Hashable] = set()
         eager = _UNetCall(unet)
 
-        def run(sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        def run(
+            sample: torch.Tensor,
+            timestep: torch.Tensor,
+            encoder_hidden_states: torch.Tensor,
+            timestep_cond: torch.Tensor | None = None,
+        ) -> torch.Tensor:
+            inputs = (sample, timestep, encoder_hidden_states)
+            if timestep_cond is not None:
+                inputs += (timestep_cond,)
             # Under autocast a trace would hold the cast weights as constants, blind to weight updates.
             if (
                 signature is None
@@ -142,32 +162,26 @@ class UNetTraces:
                 or torch.is_autocast_enabled("cpu")
                 or not isinstance(timestep, torch.Tensor)
             ):
-                return eager(sample, timestep, encoder_hidden_states)
-            key = (signature, _inputs_key(sample, timestep, encoder_hidden_states))
+                return eager(*inputs)
+            key = (signature, _inputs_key(*inputs))
             traced = self._traces.get(key)
             if traced is None:
                 if key in self._failed or key in new_this_call or key not in self._seen:
                     self._seen.add(key)
                     new_this_call.add(key)
-                    return eager(sample, timestep, encoder_hidden_states)
-                traced = self._trace(eager, key, sample, timestep, encoder_hidden_states)
+                    return eager(*inputs)
+                traced = self._trace(eager, key, inputs)
                 if traced is None:
-                    return eager(sample, timestep, encoder_hidden_states)
+                    return eager(*inputs)
             self._traces.move_to_end(key)
-            return traced(sample, timestep, encoder_hidden_states)
+            return traced(*inputs)
 
         return run
 
     def _trace(
-        self,
-        eager: _UNetCall,
-        key: Hashable,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
+        self, eager: _UNetCall, key: Hashable, inputs: tuple[torch.Tensor, ...]
     ) -> torch.jit.ScriptModule | None:
         """Trace the forward for these inputs; ``None`` (and the key stays eager) unless it is exact."""
-        inputs = (sample, timestep, encoder_hidden_states)
         try:
             traced = trace_unet(eager.unet, *inputs)
             exact = torch.equal(traced(*inputs), eager(*inputs))

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import seeded
-from diffusers import StableDiffusionPipeline
+from diffusers import LCMScheduler, StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
+from ldm_pipeline.training.distill import lcm_student
 from peft import LoraConfig
 
 from ldm_pipeline.tracing import plain_signature
@@ -34,6 +35,21 @@ def test_second_call_is_traced_and_gives_the_same_images(pipe, tiny_dir):
     stock = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None)
     stock.set_progress_bar_config(disable=True)
     assert np.abs(_images(pipe) - _images(stock)).max() <= 1e-4
+
+
+def test_an_lcm_student_is_traced_with_its_guidance_embedding_as_an_input(pipe):
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.unet = lcm_student(pipe.unet, 32).eval()  # as from_pretrained loads it
+    torch.nn.init.normal_(pipe.unet.time_embedding.cond_proj.weight)  # so that w changes the output
+    first = _images(pipe, guidance_scale=3.0)
+    second = _images(pipe, guidance_scale=3.0)
+    assert len(pipe._unet_traces) == 1
+    np.testing.assert_array_equal(second, first)
+    # w is an input of the trace, not a constant: another guidance replays it and matches eager.
+    other = _images(pipe, guidance_scale=6.0)
+    assert len(pipe._unet_traces) == 1 and np.abs(other - first).max() > 1e-3
+    pipe.disable_unet_tracing()
+    np.testing.assert_array_equal(_images(pipe, guidance_scale=6.0), other)
 
 
 def test_new_shapes_get_their_own_trace_and_disable_drops_them(pipe):
