@@ -5,6 +5,7 @@ import shlex
 
 import pytest
 import torch
+from ldm_pipeline.training import loop as loop_module
 from ldm_pipeline.training.config import ConfigError, StageConfig
 from ldm_pipeline.training.loop import QualityCheck, make_accelerator, run_loop
 from ldm_pipeline.training.quickstart import quickstart_config
@@ -118,3 +119,41 @@ def test_warmup_stable_decay_decays_into_a_step_ceiling():
     lrs = [e["lr"] for e in _loop(cfg, None, target=None).losses]
     # 16 stable updates, then the last 20 - 16 = 4 decay to 0 (16 + 0.25 * 16 >= 20).
     assert lrs[:16] == [1.0] * 16 and lrs[16] == pytest.approx(0.75) and lrs[-1] == pytest.approx(0.0)
+
+
+def test_the_progress_bar_estimate_counts_the_quality_checks_as_well_as_the_steps(monkeypatch):
+    # A clock that moves 1 s a step and 10 s a check (every 5 steps): the true time left after
+    # step n of 40 is (40 - n) s of steps plus 10 s for each check still to come.
+    clock = [0.0]
+    monkeypatch.setattr("tqdm.std.time", lambda: clock[0])
+    estimates: list[tuple[int, float]] = []
+
+    class Recording(loop_module.tqdm):
+        def update(self, n=1):
+            super().update(n)
+            d = self.format_dict  # what tqdm prints: its rate, else the mean rate since the start
+            rate = d["rate"] or (d["n"] - d["initial"]) / d["elapsed"]
+            estimates.append((d["n"], (d["total"] - d["n"]) / rate))
+
+    monkeypatch.setattr(loop_module, "tqdm", Recording)
+    accelerator = make_accelerator("auto", seed=0)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    def loss(step):
+        clock[0] += 1.0
+        return {"loss": model(torch.ones(1, 2)).sum() * 0}
+
+    def measure():
+        clock[0] += 10.0
+        return 0.0
+
+    check = QualityCheck("score", measure, 5, None)
+    run_loop(accelerator, model, optimizer, loss, StageConfig(steps=40, warmup_steps=0), desc="t", quality=check)
+    assert len(estimates) == 40
+    # Once two checks have been seen, the mean pace is off by at most 18 % of the run's 130 s (it
+    # runs low just before a check); the last few steps' pace was 34 % high just after one.
+    for n, estimate in estimates[10:-1]:
+        truth = (40 - n) + 10 * (40 // 5 - n // 5)
+        assert abs(estimate - truth) <= 0.2 * 130, (n, estimate, truth)

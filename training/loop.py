@@ -400,7 +400,16 @@ def run_loop(
         plan["steps"] = limit if replan else loop["plan_steps"]
         plan["factor"] = schedule(plan["steps"])
         wsd.start, wsd.end = loop.get("decay", [None, None])
-    bar = tqdm(total=steps, initial=step, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    # smoothing=0: the estimate uses the mean pace since the start, quality checks included, rather
+    # than the last few steps' (which made it jump many-fold right after each check).
+    bar = tqdm(
+        total=steps,
+        initial=step,
+        desc=desc,
+        disable=not accelerator.is_local_main_process,
+        dynamic_ncols=True,
+        smoothing=0,
+    )
     start = time.monotonic() - elapsed_before
     pace_start = start
     first_step = step
