@@ -36,6 +36,8 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
         ({"vae": {"lr_scheduler": "cosine_decay"}}, "vae.lr_scheduler: must be one of"),
         ({"clip": {"gradient_accumulation_steps": 0}}, "clip.gradient_accumulation_steps: must be positive"),
         ({"unet": {"noise_offset": -0.1}}, "unet.noise_offset: must be >= 0"),
+        ({"unet": {"noise_candidates": 1}}, "unet.noise_candidates: must be at least 2"),
+        ({"unet": {"noise_assignment": "hungarian"}}, "unet.noise_assignment"),
         ({"unet": {"optimizer": "sgd"}}, r"unet.optimizer: must be one of \['adamw', 'adamw8bit'\]"),
         ({"report_to": "mlflow"}, "report_to: must be one of"),
         ({"unet": {"learning_rate": float("inf")}}, "unet.learning_rate: must be a finite number, got inf"),

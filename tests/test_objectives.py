@@ -3,7 +3,9 @@ import torch
 from diffusers import DDPMScheduler
 from ldm_pipeline.training.objectives import (
     denoising_loss,
+    immiscible_noise,
     min_snr_weights,
+    nearest_noise,
     offset_noise,
     perturbed_noise,
     prediction_target,
@@ -97,3 +99,30 @@ def test_logit_normal_timesteps_crowd_the_middle_of_the_range():
     assert torch.equal(mid, draw("logit_normal"))
     with pytest.raises(ValueError, match="timestep density"):
         draw("cosine")
+
+
+def test_immiscible_noise_is_the_least_distance_pairing_of_the_same_draws():
+    import itertools
+
+    torch.manual_seed(0)
+    z0, noise = torch.randn(5, 4, 2, 2) + 2, torch.randn(5, 4, 2, 2)
+    paired = immiscible_noise(z0, noise)
+    # The same draws, each used once.
+    assert sorted(map(tuple, paired.flatten(1).tolist())) == sorted(map(tuple, noise.flatten(1).tolist()))
+
+    def total(order):
+        return sum(float((z0[i] - noise[j]).norm()) for i, j in enumerate(order))
+
+    best = min(total(order) for order in itertools.permutations(range(5)))
+    assert float((z0 - paired).flatten(1).norm(dim=1).sum()) == pytest.approx(best)
+    assert best < total(range(5))  # the i.i.d. pairing is not already the best one here
+
+
+def test_nearest_noise_picks_each_latents_nearest_draw_whatever_the_batch_split():
+    torch.manual_seed(0)
+    z0, candidates = torch.randn(6, 4, 2, 2), torch.randn(3, 6, 4, 2, 2)
+    chosen = nearest_noise(z0, candidates)
+    for i in range(6):
+        distances = [float((candidates[k, i] - z0[i]).norm()) for k in range(3)]
+        assert torch.equal(chosen[i], candidates[min(range(3), key=distances.__getitem__), i])
+    assert torch.equal(nearest_noise(z0[2:4], candidates[:, 2:4]), chosen[2:4])

@@ -197,9 +197,17 @@ def test_fused_adamw_and_a_clear_error_without_bitsandbytes(monkeypatch):
     [
         ["unet.prediction_type=v_prediction", "unet.zero_terminal_snr=true", "unet.loss=huber"],
         ["unet.prediction_type=sample", "unet.noise_offset=0.1", "unet.input_perturbation=0.1"],
+        ["unet.noise_assignment=batch", "unet.input_perturbation=0.1"],
+        ["unet.noise_assignment=knn", "unet.noise_candidates=3", "unet.noise_offset=0.1"],
     ],
 )
-def test_unet_objectives_train_and_configure_the_sampler(tmp_path, run_dir, overrides):
+def test_unet_objectives_train_and_configure_the_sampler(tmp_path, run_dir, overrides, monkeypatch):
+    from ldm_pipeline.training import unet as unet_stage
+
+    assigned = []
+    for name in ("immiscible_noise", "nearest_noise"):
+        real = getattr(unet_stage, name)
+        monkeypatch.setattr(unet_stage, name, lambda *a, _real=real, _name=name: assigned.append(_name) or _real(*a))
     base, _ = run_dir
     cfg = quickstart_config(
         smoke=True,
@@ -210,6 +218,8 @@ def test_unet_objectives_train_and_configure_the_sampler(tmp_path, run_dir, over
     pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "pipeline")
     assert pipe.scheduler.config.prediction_type == cfg.unet.prediction_type
     assert pipe.scheduler.config.rescale_betas_zero_snr == cfg.unet.zero_terminal_snr
+    expected = {"none": set(), "batch": {"immiscible_noise"}, "knn": {"nearest_noise"}}[cfg.unet.noise_assignment]
+    assert set(assigned) == expected  # each step's noise went through the configured assignment
 
 
 @pytest.mark.parametrize(

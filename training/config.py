@@ -276,6 +276,12 @@ class UNetConfig(StageConfig):
     min_snr_gamma: float | None = 5.0
     noise_offset: float = 0.0
     input_perturbation: float = 0.0
+    # Which noise sample noises which latent (training/objectives.py): "none" (i.i.d., DDPM),
+    # "batch" (immiscible diffusion, arXiv 2406.12303: the batch's noise matched to its latents by
+    # least total distance; with several processes, within each process's share) or "knn" (its
+    # k-nearest variant, arXiv 2505.18521: the nearest of noise_candidates draws per latent).
+    noise_assignment: Literal["none", "batch", "knn"] = "none"
+    noise_candidates: int = 4
     # Zero terminal SNR (needs v_prediction); the saved sampler gets the same schedule.
     zero_terminal_snr: bool = False
     # Train on timesteps in [low, high) of the 1,000-step schedule.
@@ -297,6 +303,8 @@ class UNetConfig(StageConfig):
     shuffle_tags: bool = False
     keep_tokens: int = 0
     tag_dropout: float = 0.0
+    # The EMA's ceiling: diffusers' EMAModel warms its decay up as (1 + step) / (10 + step), so the
+    # EMA averages over about the last ninth of the steps run (250 at step 2,250) until 0.999.
     ema_decay: float = 0.999
     gradient_checkpointing: bool = False
     # UNet weights and inputs in channels-last layout. "auto": on CUDA only; on the CPU measured
@@ -554,6 +562,10 @@ def check(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"unet.timestep_range: must be [low, high] with 0 <= low < high <= {timesteps}")
     if u.timestep_logit_std <= 0:
         raise ConfigError(f"unet.timestep_logit_std: must be > 0, got {u.timestep_logit_std}")
+    if u.noise_candidates < 2:
+        raise ConfigError(
+            f"unet.noise_candidates: must be at least 2 (noise draws per latent), got {u.noise_candidates}"
+        )
     for key in ("noise_offset", "input_perturbation"):
         if getattr(u, key) < 0:
             raise ConfigError(f"unet.{key}: must be >= 0, got {getattr(u, key)}")

@@ -66,6 +66,27 @@ def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generato
     return noise + strength * shift[..., None, None]
 
 
+def immiscible_noise(z0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Immiscible diffusion (Li et al. 2024, arXiv 2406.12303, algorithm 1): the batch's noise
+    samples reassigned to its latents by the matching of least total L2 distance (scipy's
+    ``linear_sum_assignment``), so that each latent is noised towards a nearby noise sample. The
+    samples stay the same set of Gaussian draws; only their pairing with the latents changes."""
+    from scipy.optimize import linear_sum_assignment
+
+    cost = torch.cdist(z0.detach().flatten(1).double().cpu(), noise.flatten(1).double().cpu())
+    _, cols = linear_sum_assignment(cost.numpy())
+    return noise[torch.as_tensor(cols, device=noise.device)]
+
+
+def nearest_noise(z0: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """The k-nearest variant of immiscible diffusion (Li et al. 2025, arXiv 2505.18521): of ``k``
+    noise draws per latent (``candidates``: k × batch × ...), the one nearest to it in L2. Each
+    latent's choice depends on its own draws only, so it is the same at any batch split."""
+    distances = (candidates - z0.unsqueeze(0)).flatten(2).square().sum(-1)  # k × batch
+    pick = distances.argmin(0)
+    return candidates[pick, torch.arange(candidates.shape[1], device=candidates.device)]
+
+
 def perturbed_noise(noise: torch.Tensor, gamma: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Input perturbation (Ning et al. 2023, "Input Perturbation Reduces Exposure Bias in Diffusion
     Models", eq. 9): the UNet's input is noised with ε + γ·ξ, ξ ~ N(0, I), while the target stays ε,

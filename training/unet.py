@@ -57,7 +57,9 @@ from .loop import (
 from .lora import add_lora, save_lora
 from .objectives import (
     denoising_loss,
+    immiscible_noise,
     min_snr_weights,
+    nearest_noise,
     offset_noise,
     perturbed_noise,
     prediction_target,
@@ -382,6 +384,14 @@ class DenoisingLoss:
             std = torch.where(flip, cache["std_flipped"][index], std)
         z0 = (mean + std * torch.randn(shape, generator=generator)[part]) * self.scale
         noise = offset_noise(torch.randn(shape, generator=generator), c.noise_offset, generator)
+        if c.noise_assignment == "batch":
+            noise[part] = immiscible_noise(z0, noise[part])
+        elif c.noise_assignment == "knn":
+            draws = [noise] + [
+                offset_noise(torch.randn(shape, generator=generator), c.noise_offset, generator)
+                for _ in range(c.noise_candidates - 1)
+            ]
+            noise[part] = nearest_noise(z0, torch.stack(draws)[:, part])
         t = sample_timesteps(
             n, *c.timestep_range, generator, c.timestep_density, c.timestep_logit_mean, c.timestep_logit_std
         )[part]
