@@ -187,7 +187,9 @@ def _train(args: argparse.Namespace) -> None:
         print(f"lora:     {report['unet']['lora']} (ldm generate --lora, or pipe.load_lora_weights)")
     elif (args.output / "pipeline").is_dir() and "unet" in report:
         print(f"pipeline: {args.output / 'pipeline'}")
-    for line in quality_summary(report, cfg, args.output, args.config):
+    # With overrides, the command that continues a stage names the run's resolved config.yaml,
+    # which holds them (the recipe alone would drop them).
+    for line in quality_summary(report, cfg, args.output, None if args.overrides else args.config):
         print(line)
 
 

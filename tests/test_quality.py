@@ -6,7 +6,7 @@ import shlex
 import pytest
 import torch
 from ldm_pipeline.training import loop as loop_module
-from ldm_pipeline.training.config import ConfigError, StageConfig
+from ldm_pipeline.training.config import ConfigError, StageConfig, load_config
 from ldm_pipeline.training.loop import QualityCheck, make_accelerator, run_loop
 from ldm_pipeline.training.quickstart import quickstart_config
 from ldm_pipeline.training.run import quality_summary, train
@@ -157,3 +157,15 @@ def test_the_progress_bar_estimate_counts_the_quality_checks_as_well_as_the_step
     for n, estimate in estimates[10:-1]:
         truth = (40 - n) + 10 * (40 // 5 - n // 5)
         assert abs(estimate - truth) <= 0.2 * 130, (n, estimate, truth)
+
+
+@pytest.mark.slow
+def test_the_continue_command_keeps_the_overrides_the_run_was_started_with(tmp_path, capsys):
+    out = tmp_path / "run"
+    overrides = ["stages=[vae]", "vae.steps=2", "vae.eval_every=2", "vae.target=99", "report_to=none"]
+    assert main(["train", "tiny", "--output", str(out), *overrides]) == 0
+    missed = next(line for line in capsys.readouterr().out.splitlines() if "NOT DONE" in line)
+    command = shlex.split(missed.split("with: ")[1])
+    assert command[:3] == ["ldm", "train", str(out / "config.yaml")]  # it holds the overrides, "tiny" does not
+    resolved = load_config(out / "config.yaml")
+    assert resolved.vae.target == 99 and resolved.stages == ["vae"]
