@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from ldm_pipeline.configs import shipped
 from ldm_pipeline.training.config import load_config
 from ldm_pipeline.training.run import train
 from PIL import Image
@@ -38,15 +39,18 @@ from ldm_pipeline.images import image_grid
 from ldm_pipeline.loading import load_lora
 from ldm_pipeline.schedulers import make_scheduler, sampling_defaults
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
 
 def _distil(recipe: str, teacher: Path, output: Path, overrides: list[str]) -> dict:
     """Train ``configs/<recipe>.yaml`` on ``teacher``'s pipeline into ``output``; its report and wall time."""
-    cfg = load_config(CONFIGS / f"{recipe}.yaml", [f"pretrained={teacher / 'pipeline'}", "report_to=none", *overrides])
+    cfg = load_config(shipped(f"{recipe}.yaml"), [f"pretrained={teacher / 'pipeline'}", "report_to=none", *overrides])
     start = time.monotonic()
     report = train(cfg, output)
     return {"train_report": report, "wall_minutes": round((time.monotonic() - start) / 60, 2)}
+
+
+def _training_minutes(report: dict) -> float:
+    """The minutes a run's stages trained (its train_report.json: each stage's ``minutes``)."""
+    return sum(s["minutes"] for s in report.values() if isinstance(s, dict) and "minutes" in s)
 
 
 def _score(pipe: LatentDiffusionPipeline, args: argparse.Namespace, **kwargs) -> tuple[dict, list[Image.Image]]:
@@ -82,7 +86,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     teacher_report = json.loads((args.teacher / "train_report.json").read_text())
-    teacher_minutes = sum(s["minutes"] for s in teacher_report.values() if isinstance(s, dict) and "minutes" in s)
+    teacher_minutes = _training_minutes(teacher_report)
     results: dict = {
         "teacher": {"run": str(args.teacher), "training_minutes": round(teacher_minutes, 2)},
         "dataset": args.dataset,
@@ -96,9 +100,7 @@ def main() -> None:
     recipes = ["lcm", "lcm-lora"] if args.lora else ["lcm"]
     for recipe in recipes:
         made = _distil(recipe, args.teacher, args.output / recipe, args.overrides)
-        made["training_minutes"] = round(
-            sum(s["minutes"] for s in made["train_report"].values() if isinstance(s, dict) and "minutes" in s), 2
-        )
+        made["training_minutes"] = round(_training_minutes(made["train_report"]), 2)
         made["training_over_teacher"] = round(made["training_minutes"] / teacher_minutes, 3)
         if args.teacher_wall_minutes is not None:
             made["wall_over_teacher_wall"] = round(made["wall_minutes"] / args.teacher_wall_minutes, 3)
