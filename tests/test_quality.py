@@ -14,15 +14,20 @@ from ldm_pipeline.training.run import quality_summary, train
 from ldm_pipeline.cli import main
 
 
+def _one_weight_model():
+    """An accelerator with a one-weight model and its SGD optimiser (LR 1), prepared."""
+    accelerator = make_accelerator("auto", seed=0)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    return accelerator, *accelerator.prepare(model, optimizer)
+
+
 def _loop(
     cfg: StageConfig, values: list[float] | None, target: float | None, every: int = 2, decay_at: float | None = None
 ):
     """run_loop on a one-weight model (SGD at LR 1) with a check that returns ``values`` in turn
     (None: no check)."""
-    accelerator = make_accelerator("auto", seed=0)
-    model = torch.nn.Linear(2, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator, model, optimizer = _one_weight_model()
     feed = iter(values or [])
     check = QualityCheck("score", lambda: next(feed), every, target, decay_at) if values is not None else None
     loss = lambda step: {"loss": model(torch.ones(1, 2)).sum() * 0}  # noqa: E731
@@ -136,10 +141,7 @@ def test_the_progress_bar_estimate_counts_the_quality_checks_as_well_as_the_step
             estimates.append((d["n"], (d["total"] - d["n"]) / rate))
 
     monkeypatch.setattr(loop_module, "tqdm", Recording)
-    accelerator = make_accelerator("auto", seed=0)
-    model = torch.nn.Linear(2, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator, model, optimizer = _one_weight_model()
 
     def loss(step):
         clock[0] += 1.0

@@ -383,14 +383,15 @@ class DenoisingLoss:
             mean = torch.where(flip, cache["mean_flipped"][index], mean)
             std = torch.where(flip, cache["std_flipped"][index], std)
         z0 = (mean + std * torch.randn(shape, generator=generator)[part]) * self.scale
-        noise = offset_noise(torch.randn(shape, generator=generator), c.noise_offset, generator)
+
+        def draw() -> torch.Tensor:
+            return offset_noise(torch.randn(shape, generator=generator), c.noise_offset, generator)
+
+        noise = draw()
         if c.noise_assignment == "batch":
             noise[part] = immiscible_noise(z0, noise[part])
         elif c.noise_assignment == "knn":
-            draws = [noise] + [
-                offset_noise(torch.randn(shape, generator=generator), c.noise_offset, generator)
-                for _ in range(c.noise_candidates - 1)
-            ]
+            draws = [noise] + [draw() for _ in range(c.noise_candidates - 1)]
             noise[part] = nearest_noise(z0, torch.stack(draws)[:, part])
         t = sample_timesteps(
             n, *c.timestep_range, generator, c.timestep_density, c.timestep_logit_mean, c.timestep_logit_std
