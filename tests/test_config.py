@@ -86,9 +86,10 @@ def test_shipped_configs_are_installed_valid_and_are_the_quickstart():
     assert load_config(CONFIGS / "shapes.yaml") == quickstart_config()
     assert load_config(CONFIGS / "tiny.yaml") == quickstart_config(smoke=True)
     assert quickstart_config().unet.target == 0.97
-    assert load_config(CONFIGS / "digits.yaml").data.name == "digits"
+    digits = load_config(CONFIGS / "digits.yaml")
+    assert (digits.data.name, digits.unet.target, digits.unet.eval_every) == ("digits", 0.98, 250)
     emoji = load_config(CONFIGS / "emoji.yaml")
-    assert (emoji.data.name, emoji.vae.target, emoji.unet.eval_every) == ("emoji", 27.0, None)
+    assert (emoji.data.name, emoji.vae.target, emoji.unet.eval_every) == ("emoji", 27.0, 500)
 
 
 def test_bare_no_in_yaml_means_the_string_no(tmp_path):

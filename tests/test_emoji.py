@@ -62,12 +62,18 @@ def test_make_emoji_renders_once_and_reads_the_cache(tmp_path, monkeypatch):
     assert np.array_equal(np.asarray(again[2]["image"]), np.asarray(ds[2]["image"]))
 
 
-def test_emoji_has_no_adherence_measure_yet():
-    assert config_from_dict({"data": {"name": "emoji"}}).data.name == "emoji"
-    with pytest.raises(
-        ConfigError, match=r"adherence is measured for the built-in datasets \['shapes', 'digits'\], not emoji"
-    ):
-        config_from_dict({"data": {"name": "emoji", "holdout": 8}, "unet": {"eval_every": 100}})
+def test_the_emoji_recipe_stops_on_both_measures_and_other_data_cannot_ask_for_a_held_out_tone():
+    cfg = config_from_dict({"data": {"name": "emoji", "holdout": 8}, "unet": {"eval_every": 100, "target": 0.9}})
+    assert cfg.unet.eval_every == 100
+    from ldm_pipeline.configs import shipped
+    from ldm_pipeline.training.config import load_config
+
+    recipe = load_config(shipped("emoji.yaml")).unet
+    assert (recipe.target, recipe.held_out_target, recipe.eval_every) == (0.95, 0.8, 500)
+    with pytest.raises(ConfigError, match="held_out_target: the held-out skin tone of the built-in emoji"):
+        config_from_dict(
+            {"data": {"name": "digits"}, "unet": {"eval_every": 100, "target": 0.9, "held_out_target": 0.8}}
+        )
 
 
 # "OK hand" in five tones: its medium-dark one is a held-out pair.
@@ -115,3 +121,55 @@ def test_the_measures_of_real_images_are_their_ceiling(tmp_path, monkeypatch):
     assert report["r_precision"] == report["r_precision_real"]
     assert report["nearest_top1"] == 1.0 and report["held_out_skin_tone"] == report["real_skin_tone"] == 1.0
     assert report["held_out_emoji_top5"] == 1.0
+
+
+class _DrawsLike:
+    """A stand-in pipeline whose images are given by prompt (the sampler's defaults: none)."""
+
+    default_size = 32
+    scheduler = None
+
+    def __init__(self, image_of):
+        self.image_of = image_of
+
+    def __call__(self, prompts, generator=None, **kwargs):
+        return type("Output", (), {"images": [self.image_of(p) for p in prompts]})
+
+
+def test_the_emoji_monitor_scores_training_and_held_out_prompts_with_the_runs_clip(tmp_path, monkeypatch):
+    import contextlib
+
+    from ldm_pipeline.training.quality import emoji_check
+
+    monkeypatch.setenv("LDM_CACHE", str(tmp_path))
+    subset = [*OK_HAND, "1F44B", "1F600", "1F1E9-1F1EA", *(f"1F44B-{p:X}" for p in range(0x1F3FB, 0x1F400))]
+    real = make_emoji(32, codes=subset, split="all")
+    by_prompt = {f"an emoji of {n}": im for n, im in zip(real["name"], real["image"], strict=True)}
+    monkeypatch.setattr(
+        emoji_eval, "make_emoji", lambda resolution, split: make_emoji(resolution, codes=subset, split=split)
+    )
+    torch.manual_seed(0)
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config=text_config(get_preset("tiny")).to_dict(),
+            vision_config=vision_config(get_preset("tiny")).to_dict(),
+        )
+    )
+    clip.save_pretrained(tmp_path / "clip")
+    load_clip_tokenizer(16).save_pretrained(tmp_path / "clip")
+    asked = []
+
+    def check_with(image_of):
+        pipe = _DrawsLike(lambda p: asked.append(p) or image_of(p))
+        check = emoji_check(lambda: contextlib.nullcontext(pipe), tmp_path / "clip", 6, 10, 0.9, 0.8, candidates=4)
+        return check, check.measure()
+
+    check, faithful = check_with(by_prompt.__getitem__)
+    assert check.name == "r_precision" and check.parts == {"held_out_skin_tone": 0.8}
+    assert faithful["held_out_skin_tone"] == 1.0  # the real held-out emoji: the asked tone
+    held = "an emoji of OK hand, medium-dark skin tone"
+    assert held in asked and len(asked) == 7  # six training emoji, then the held-out one
+    # Each prompt drawn in the wrong tone (the hand's light variant): no held-out tone is right.
+    light = by_prompt["an emoji of OK hand, light skin tone"]
+    _, wrong = check_with(lambda p: light if p == held else by_prompt[p])
+    assert wrong["held_out_skin_tone"] == 0.0 and wrong["r_precision"] == faithful["r_precision"]

@@ -61,10 +61,34 @@ def test_a_measure_without_a_target_never_stops_the_loop():
     assert result.steps == 6 and result.reached is None and len(result.quality) == 3
 
 
+def test_a_check_with_parts_stops_only_when_every_measure_reaches_its_target(capsys):
+    accelerator, model, optimizer = _one_weight_model()
+    # (main value, part) in turn: the main value is reached first, the part two checks later;
+    # with a window of two the means reach 0.9 and 0.5 at the fourth check (0.92, 0.55).
+    feed = iter([(0.5, 0.1), (0.95, 0.2), (0.9, 0.45), (0.94, 0.65), (1.0, 1.0)])
+    check = QualityCheck(
+        "r", lambda: dict(zip(("r", "tone"), next(feed), strict=True)), 2, 0.9, window=2, parts={"tone": 0.5}
+    )
+    loss = lambda step: {"loss": model(torch.ones(1, 2)).sum() * 0}  # noqa: E731
+    result = run_loop(
+        accelerator, model, optimizer, loss, StageConfig(steps=100, warmup_steps=0), desc="t", quality=check
+    )
+    assert result.steps == 8 and result.stopped_by == "target" and result.reached is True
+    assert [q["tone"] for q in result.quality] == [0.1, 0.2, 0.45, 0.65]
+    assert "t: step 4: r 0.950, tone 0.200 (target 0.900, tone 0.500)" in capsys.readouterr().out
+    report = result.quality_report(check)
+    assert report["quality_parts"] == {"tone": pytest.approx(0.55)} and report["part_targets"] == {"tone": 0.5}
+    assert not QualityCheck("r", None, 2, 0.9, parts={"tone": None}).reached([{"value": 0.8, "tone": 1.0}])
+    assert QualityCheck("r", None, 2, 0.9, parts={"tone": None}).reached([{"value": 0.9, "tone": 0.0}])  # no target
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (["vae.target=30"], "vae.target: needs vae.eval_every"),
+        (["unet.held_out_target=0.8", "unet.target=0.9", "unet.eval_every=10"], "held_out_target.*emoji"),
+        (["unet.held_out_target=1.8", "unet.target=0.9", "unet.eval_every=10"], r"fraction in \(0, 1\]"),
+        (["data.name=emoji", "unet.eval_every=10", "clip.pretrained=a/clip"], "run's own CLIP model"),
         (["unet.target=0.9"], "unet.target: needs unet.eval_every"),
         (["vae.target=30", "vae.eval_every=10", "data.holdout=0"], "set data.holdout > 0"),
         (["vae.eval_every=10", "data.holdout=0"], "set data.holdout > 0"),  # a measure alone needs it too

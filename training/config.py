@@ -26,6 +26,7 @@ from ldm_pipeline.presets import PRESETS, SD_NOISE_SCHEDULE, get_preset
 from ldm_pipeline.yaml_io import YAMLSyntaxError, parse_yaml, read_yaml
 
 from ..configs import shipped
+from .repa import BLOCK_PATTERN
 from .seeds import MAX_SEED
 
 STAGES = ("vae", "clip", "unet")
@@ -38,7 +39,7 @@ UNLOADABLE_ADAPTERS = {
     for kind, name, key in (("loha", "LoHa", "hada_w1_a"), ("lokr", "LoKr", "lokr_w1"))
 }
 # Built-in datasets whose prompts have a measured adherence (unet.eval_every, unet.target).
-ADHERENCE = ("shapes", "digits")
+ADHERENCE = ("shapes", "digits", "emoji")
 
 
 class ConfigError(InputError):
@@ -267,6 +268,26 @@ class DistillConfig:
 
 
 @dataclass
+class RepaConfig:
+    """Representation alignment (REPA, arXiv 2410.06940; for UNets U-REPA, arXiv 2503.18414;
+    training/repa.py): a projector from a UNet block's features of the noisy latents onto a
+    frozen CLIP image tower's patch features of the clean image, its cosine loss added to the
+    denoising loss. Training only: the saved pipeline is unchanged."""
+
+    # The CLIP model whose image tower is aligned to: None, the run's own clip stage
+    # (<output>/clip); else a folder or Hub id holding a CLIPModel.
+    encoder: str | None = None
+    # Its hidden state whose patch tokens are the target (-1: the last layer's).
+    layer: int = -1
+    # The UNet block whose output is aligned: down_blocks.N, mid_block (U-REPA's choice) or up_blocks.N.
+    block: str = "mid_block"
+    # The alignment loss's weight λ beside the denoising loss (REPA: 0.5).
+    weight: float = 0.5
+    # Width of the projector's hidden layers.
+    projector_dim: int = 256
+
+
+@dataclass
 class UNetConfig(StageConfig):
     """Stage ``unet``: the conditional UNet on cached latents and text embeddings (training/objectives.py)."""
 
@@ -322,6 +343,8 @@ class UNetConfig(StageConfig):
     dreambooth: DreamBoothConfig | None = None
     # Distil the pretrained UNet into a latent consistency model (few-step sampling).
     distill: DistillConfig | None = None
+    # Align a UNet block's features with a frozen image encoder's (REPA); None: off.
+    repa: RepaConfig | None = None
     # Save the EMA UNet every this many minutes of training (for adherence-vs-time curves).
     snapshot_every_minutes: int | None = None
     # Every this many steps, sample these prompts (fixed seeds, EMA weights) into
@@ -331,11 +354,14 @@ class UNetConfig(StageConfig):
         default_factory=lambda: ["a red circle on a white background", "a blue square on a black background"]
     )
     # Prompt adherence of the EMA weights at which the stage is done (built-in shapes: all-correct;
-    # digits: digit accuracy), measured every eval_every steps on quality_prompts fixed prompts
+    # digits: digit accuracy; emoji: CLIP R-precision), measured every eval_every steps on quality_prompts fixed prompts
     # (shapes: each shape × colour × background once per 54) sampled with the saved pipeline's
     # defaults, averaged over the last two measurements; else the stage runs to steps / max_minutes.
     target: float | None = None
     eval_every: int | None = None
+    # Built-in emoji: target is the R-precision, and this the target of the skin tone drawn for the
+    # held-out (emoji, tone) pairs, measured beside it; the stage is done when both are reached.
+    held_out_target: float | None = None
     # With lr_scheduler warmup_stable_decay: the measured quality at which the LR decay begins
     # (None: only when a ceiling comes near).
     decay_at: float | None = None
@@ -546,6 +572,7 @@ def check(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"unet.caption_dropout: must be in [0, 1), got {cfg.unet.caption_dropout}")
     _check_dreambooth(cfg)
     _check_distill(cfg)
+    _check_repa(cfg)
     if not 0 <= cfg.unet.tag_dropout < 1:
         raise ConfigError(f"unet.tag_dropout: must be in [0, 1), got {cfg.unet.tag_dropout}")
     if cfg.unet.keep_tokens < 0:
@@ -575,6 +602,30 @@ def check(cfg: RunConfig) -> RunConfig:
     if cfg.vae.kl_weight < 0:
         raise ConfigError(f"vae.kl_weight: must be >= 0, got {cfg.vae.kl_weight}")
     return cfg
+
+
+def _check_repa(cfg: RunConfig) -> None:
+    r = cfg.unet.repa
+    if r is None:
+        return
+    if cfg.unet.distill is not None:
+        raise ConfigError("unet.repa: not with unet.distill (the consistency loss has no alignment term)")
+    if cfg.data.source is not None:
+        raise ConfigError(
+            "unet.repa: needs the training images in memory (a built-in dataset); a data.source is streamed "
+            "into the latent cache, which holds no encoder features yet"
+        )
+    if not re.fullmatch(BLOCK_PATTERN, r.block):
+        raise ConfigError(f"unet.repa.block: must be down_blocks.N, mid_block or up_blocks.N, got {r.block!r}")
+    if r.weight <= 0:
+        raise ConfigError(f"unet.repa.weight: must be > 0, got {r.weight}")
+    if r.projector_dim <= 0:
+        raise ConfigError(f"unet.repa.projector_dim: must be > 0, got {r.projector_dim}")
+    if r.encoder is None and (cfg.clip.pretrained or cfg.pretrained):
+        raise ConfigError(
+            "unet.repa.encoder: this run trains no CLIP model of its own (clip.pretrained is set); "
+            "name a CLIP model folder or Hub id to align to"
+        )
 
 
 def _check_distill(cfg: RunConfig) -> None:
@@ -687,8 +738,14 @@ def _check_targets(cfg: RunConfig) -> None:
             f"unet.eval_every: adherence is measured for the built-in datasets {list(ADHERENCE)}, "
             f"not {'data.source' if cfg.data.source is not None else cfg.data.name}"
         )
-    if cfg.unet.target is not None and not 0 < cfg.unet.target <= 1:
-        raise ConfigError(f"unet.target: adherence is a fraction in (0, 1], got {cfg.unet.target}")
+    u = cfg.unet
+    for key in ("target", "held_out_target"):
+        if getattr(u, key) is not None and not 0 < getattr(u, key) <= 1:
+            raise ConfigError(f"unet.{key}: adherence is a fraction in (0, 1], got {getattr(u, key)}")
+    if u.held_out_target is not None and (cfg.data.name != "emoji" or u.target is None):
+        raise ConfigError("unet.held_out_target: the held-out skin tone of the built-in emoji; needs unet.target too")
+    if u.eval_every is not None and cfg.data.name == "emoji" and (cfg.clip.pretrained or cfg.pretrained):
+        raise ConfigError("unet.eval_every: the emoji are judged by the run's own CLIP model; not with clip.pretrained")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

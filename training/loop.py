@@ -106,7 +106,9 @@ class QualityCheck:
     fraction). With a ``target`` the stage stops when the mean of the last ``window``
     measurements is at or above it (a window of two halves the variance of a sampled measure
     without sampling more at each check), and otherwise runs on to its ceilings (``steps``,
-    ``max_minutes``).
+    ``max_minutes``). With ``parts`` (more measures, each with its own target: the emoji's
+    held-out skin tone beside their R-precision) ``measure()`` returns a dict of every measure
+    by name, and the stage stops when each one has reached its target.
     """
 
     name: str
@@ -118,14 +120,38 @@ class QualityCheck:
     # How a value is shown: "{:.1f} dB", "{:.3f}".
     fmt: str = "{:.3f}"
     window: int = 1
+    # The other measures' targets, by name (None: measured and reported, no target).
+    parts: dict[str, float | None] = field(default_factory=dict)
 
-    def show(self, value: float) -> str:
-        return f"{self.name} {self.fmt.format(value)}"
+    def show(self, entry: dict[str, float]) -> str:
+        """A measurement (``value`` and each part's) as text."""
+        shown = [f"{self.name} {self.fmt.format(entry['value'])}"]
+        return ", ".join(shown + [f"{name} {self.fmt.format(entry[name])}" for name in self.parts])
+
+    def goal(self) -> str:
+        """The targets as text ("" without one)."""
+        if self.target is None:
+            return ""
+        goals = [self.fmt.format(self.target)] + [f"{n} {self.fmt.format(t)}" for n, t in self.parts.items() if t]
+        return f" (target {', '.join(goals)})"
 
     def level(self, values: list[float]) -> float:
         """What is compared with the target: the mean of the last ``window`` values."""
         recent = values[-self.window :]
         return sum(recent) / len(recent)
+
+    def levels(self, measured: list[dict[str, float]]) -> dict[str, float]:
+        """Each part's level in ``measured`` (the quality entries)."""
+        return {name: self.level([m[name] for m in measured]) for name in self.parts}
+
+    def reached(self, measured: list[dict[str, float]]) -> bool:
+        """Whether the value and every part with a target are at or above their targets."""
+        if self.target is None or len(measured) < self.window:
+            return False
+        if self.level([m["value"] for m in measured]) < self.target:
+            return False
+        levels = self.levels(measured)
+        return all(levels[name] >= target for name, target in self.parts.items() if target is not None)
 
 
 @dataclass
@@ -161,8 +187,12 @@ class LoopResult:
             return {}
         level = check.level([q["value"] for q in self.quality])
         report = {"quality_metric": check.name, "quality": level, "quality_curve": self.quality}
+        if check.parts:
+            report["quality_parts"] = check.levels(self.quality)
         if check.target is not None:
             report.update(target=check.target, target_reached=bool(self.reached), stopped_by=self.stopped_by)
+            if check.parts:
+                report["part_targets"] = dict(check.parts)
         return report
 
 
@@ -436,21 +466,26 @@ def run_loop(
         postfix[quality.name] = quality.fmt.format(measured[-1]["value"])
 
     def measure() -> float:
-        """Measure on the main process, share the value, show it; returns it."""
-        value = torch.tensor([quality.measure() if accelerator.is_main_process else 0.0], dtype=torch.float64)
-        value = float(broadcast(value.to(accelerator.device)).cpu())
+        """Measure on the main process, share the values, show them; returns the main value."""
+        names = [quality.name, *quality.parts]
+        values = [0.0] * len(names)
+        if accelerator.is_main_process:
+            got = quality.measure()
+            got = got if isinstance(got, dict) else {quality.name: got}
+            values = [float(got[name]) for name in names]
+        shared = broadcast(torch.tensor(values, dtype=torch.float64).to(accelerator.device)).cpu().tolist()
+        value, parts = shared[0], dict(zip(names[1:], shared[1:], strict=True))
         model.train()
-        measured.append({"step": step, "minutes": round((time.monotonic() - start) / 60, 3), "value": value})
-        accelerator.log({f"{desc}/{quality.name}": value}, step=step)
+        entry = {"step": step, "minutes": round((time.monotonic() - start) / 60, 3), "value": value, **parts}
+        measured.append(entry)
+        accelerator.log({f"{desc}/{name}": v for name, v in zip(names, shared, strict=True)}, step=step)
         postfix[quality.name] = quality.fmt.format(value)
         bar.set_postfix(postfix, refresh=False)
-        goal = "" if quality.target is None else f" (target {quality.fmt.format(quality.target)})"
-        bar.write(f"{desc}: step {step}: {quality.show(value)}{goal}")
+        bar.write(f"{desc}: step {step}: {quality.show(entry)}{quality.goal()}")
         return value
 
     def reached() -> bool:
-        values = [m["value"] for m in measured]
-        return quality.target is not None and len(values) >= quality.window and quality.level(values) >= quality.target
+        return quality.reached(measured)
 
     stopped_by = "steps"
     if measured and reached():

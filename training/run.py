@@ -115,6 +115,10 @@ def quality_summary(report: dict, cfg: RunConfig, out: Path, config_path: Path |
         c = getattr(cfg, stage)
         fmt = "{:.2f} dB" if entry["quality_metric"] == "psnr" else "{:.3f}"
         value, target = fmt.format(entry["quality"]), fmt.format(entry["target"])
+        for name, level in entry.get("quality_parts", {}).items():  # the emoji's held-out skin tone
+            value += f", {name} {fmt.format(level)}"
+            part_target = entry.get("part_targets", {}).get(name)
+            target += f", {name} {fmt.format(part_target)}" if part_target is not None else ""
         where = f"step {entry['steps']:,} ({entry['minutes']:.1f} min)"
         if entry["target_reached"]:
             lines.append(f"{stage}: {entry['quality_metric']} {value} reached the target {target} at {where}")

@@ -66,7 +66,8 @@ from .objectives import (
     sample_timesteps,
     zero_terminal_snr_config,
 )
-from .quality import adherence_check
+from .quality import adherence_check, emoji_check
+from .repa import FeatureTap, Projector, alignment_loss, cached_features, load_encoder, square_grid
 from .seeds import seed_of
 from .source_cache import TextRows, cached_source_latents, cached_text_shards
 from .validation import EMAViews
@@ -114,19 +115,37 @@ def pretrained_schedule(source: str | None) -> dict:
 class Denoiser(torch.nn.Module):
     """The trained modules as one (for Accelerate): the UNet, and the text encoder when trained."""
 
-    def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel | None):
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        text_encoder: CLIPTextModel | None,
+        projector: Projector | None = None,
+        block: str | None = None,
+    ):
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
+        # With unet.repa: the projector of the aligned block's features (training only).
+        self.projector = projector
+        self.tap = FeatureTap(unet, block) if projector is not None else None
 
     def forward(
-        self, zt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, timestep_cond: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self,
+        zt: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        timestep_cond: torch.Tensor | None = None,
+        grid: tuple[int, int] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The UNet's output; ``cond`` is embeddings, or token ids when the text encoder trains;
-        ``timestep_cond`` an LCM student's guidance-scale embedding."""
+        ``timestep_cond`` an LCM student's guidance-scale embedding. With ``grid`` (REPA) also
+        the aligned block's features projected onto that patch grid, ``[N, patches, width]``."""
         if self.text_encoder is not None:
             cond = self.text_encoder(cond)[0]
-        return self.unet(zt, t, encoder_hidden_states=cond, timestep_cond=timestep_cond).sample
+        sample = self.unet(zt, t, encoder_hidden_states=cond, timestep_cond=timestep_cond).sample
+        if grid is None:
+            return sample
+        return sample, self.projector(self.tap.take(), grid)
 
 
 def frozen_parts(cfg: RunConfig, out: Path) -> tuple[AutoencoderKL, CLIPTextModel, CLIPTokenizer]:
@@ -172,9 +191,22 @@ def untuned_unet(cfg: RunConfig) -> Denoiser:
     return Denoiser(_unet(cfg).requires_grad_(False).eval(), None)
 
 
-def trained_modules(cfg: RunConfig, text_encoder: CLIPTextModel) -> Denoiser:
+def block_channels(unet: UNet2DConditionModel, block: str) -> int:
+    """The channels of a UNet block's output (``down_blocks.N``, ``mid_block``, ``up_blocks.N``)."""
+    widths = list(unet.config.block_out_channels)
+    if block == "mid_block":
+        return widths[-1]
+    kind, number = block.split(".")
+    widths = widths if kind == "down_blocks" else widths[::-1]
+    if int(number) >= len(widths):
+        raise InputError(f"unet.repa.block: this UNet has {len(widths)} {kind}, numbered from 0; got {block!r}")
+    return widths[int(number)]
+
+
+def trained_modules(cfg: RunConfig, text_encoder: CLIPTextModel, encoder_width: int | None = None) -> Denoiser:
     """The UNet (pretrained or new) and, with ``unet.train_text_encoder``, the text encoder, with
-    LoRA adapters when ``unet.lora`` is set; what trains has ``requires_grad``."""
+    LoRA adapters when ``unet.lora`` is set, and with ``unet.repa`` the projector onto an image
+    encoder's ``encoder_width`` features; what trains has ``requires_grad``."""
     c = cfg.unet
     unet = _unet(cfg, student=True)
     if c.gradient_checkpointing:
@@ -188,7 +220,11 @@ def trained_modules(cfg: RunConfig, text_encoder: CLIPTextModel) -> Denoiser:
             add_lora(text_encoder, c.lora, c.lora.text_encoder_target_modules)
         else:
             text_encoder.requires_grad_(True)
-    return Denoiser(unet, trained_text_encoder)
+    projector, block = None, None
+    if c.repa is not None:
+        block = c.repa.block
+        projector = Projector(block_channels(unet, block), encoder_width, c.repa.projector_dim)
+    return Denoiser(unet, trained_text_encoder, projector, block)
 
 
 def sampling_scheduler(cfg: RunConfig):
@@ -304,6 +340,26 @@ def build_caches(
     return Caches(buckets, latents, count, embeds, row_of, (time.monotonic() - start) / 60, in_loop)
 
 
+def add_features(cfg: RunConfig, caches: Caches, out: Path, accelerator: Accelerator) -> int:
+    """With ``unet.repa``: each bucket's encoder patch features (and its flipped images') into its
+    latent cache; returns the encoder's width."""
+    r = cfg.unet.repa
+    source = r.encoder
+    if source is None:
+        if not (out / "clip").is_dir():
+            raise InputError(
+                f"{out / 'clip'} does not exist: unet.repa aligns to the run's own CLIP model; run stage "
+                "'clip' first or set unet.repa.encoder to a CLIP model folder or Hub id"
+            )
+        source = str(out)
+    encoder = load_encoder(source, cfg.allow_pickle).to(accelerator.device)
+    for bucket, cache in zip(caches.buckets, caches.latents, strict=True):
+        if not hasattr(bucket, "float_batch"):
+            raise InputError("unet.repa: needs the training images in memory (a built-in dataset)")
+        cache.update(cached_features(encoder, bucket, r.layer, cfg.data.random_flip))
+    return encoder.config.hidden_size
+
+
 def bucket_name(bucket) -> str:
     """A bucket's "WxH" (`Pixels` or cached rows)."""
     width, height = bucket.bucket if hasattr(bucket, "bucket") else bucket.images.shape[:-3:-1]
@@ -356,6 +412,11 @@ class DenoisingLoss:
         self.embed = None
         if not self.c.train_text_encoder:
             self.embed = CaptionEmbedder(caches.embeds, caches.row_of, text_encoder, self.tokenizer)
+        # unet.repa: the encoder's patch grid that the projected features are compared on.
+        self.grid = None
+        if self.c.repa is not None:
+            self.grid = square_grid(caches.latents[0]["features"].shape[1])
+        self.alignment: list[torch.Tensor] = []
 
     def captions(self, batch: Batch) -> list[str]:
         """The chunk's captions as trained this step: one of each image's captions, its tags
@@ -406,6 +467,11 @@ class DenoisingLoss:
                 mask = torch.where(flip, mask.flip(-1), mask)
             mask = F.interpolate(mask, size=z0.shape[-2:], mode="area")
         terms = {"z0": z0, "noise": noise[part], "noisy_input": noisy_input, "t": t, "cond": cond, "mask": mask}
+        if self.grid is not None:  # REPA's target: the clean image's encoder features, flipped with it
+            features = cache["features"][index]
+            if flip is not None:
+                features = torch.where(flip.view(-1, 1, 1), cache["features_flipped"][index], features)
+            terms["features"] = features
         return {k: v if v is None else v.to(self.device) for k, v in terms.items()}
 
     def _per_sample(self, parts: list[dict]) -> list[torch.Tensor]:
@@ -413,7 +479,7 @@ class DenoisingLoss:
         c = self.c
         if len(parts) > 1 and len({p["z0"].shape[1:] for p in parts}) == 1 and not c.train_text_encoder:
             sizes = [len(p["t"]) for p in parts]
-            keys = ("z0", "noise", "noisy_input", "t", "cond")
+            keys = ("z0", "noise", "noisy_input", "t", "cond") + (("features",) if self.grid is not None else ())
             joined = {k: torch.cat([p[k] for p in parts]) for k in keys}
             masks = [p["mask"] if p["mask"] is not None else torch.ones_like(p["z0"][:, :1]) for p in parts]
             joined["mask"] = torch.cat(masks) if any(p["mask"] is not None for p in parts) else None
@@ -421,10 +487,19 @@ class DenoisingLoss:
         losses = []
         for p in parts:
             zt = self._noisy(p)
-            pred = self.model(zt, p["t"], p["cond"]).float()
+            if self.grid is None:
+                pred = self.model(zt, p["t"], p["cond"]).float()
+            else:
+                pred, projected = self.model(zt, p["t"], p["cond"], grid=self.grid)
+                pred = pred.float()
             target = prediction_target(self.noise_scheduler, p["z0"], p["noise"], p["t"], c.prediction_type)
             per_sample = denoising_loss(pred, target, c.loss, c.huber_delta, p["mask"])
-            losses.append(self._snr_weighted(per_sample, p["t"]))
+            per_sample = self._snr_weighted(per_sample, p["t"])
+            if self.grid is not None:  # REPA: the alignment loss beside the (weighted) denoising loss
+                aligned = alignment_loss(projected, p["features"])
+                self.alignment.append(aligned.detach())
+                per_sample = per_sample + c.repa.weight * aligned
+            losses.append(per_sample)
         return losses
 
     def _noisy(self, p: dict) -> torch.Tensor:
@@ -457,6 +532,13 @@ class DenoisingLoss:
         return instance, self._matched(classes).mean() + self._matched(anchor).mean()
 
     def __call__(self, step: int) -> dict[str, torch.Tensor]:
+        terms = self._terms()
+        if self.alignment:  # REPA's term alone, for the loss log: minus the mean cosine similarity
+            terms["alignment_loss"] = torch.cat(self.alignment).mean()
+            self.alignment.clear()
+        return terms
+
+    def _terms(self) -> dict[str, torch.Tensor]:
         parts = [self.noised(next(self.batches))]
         if self.prior_batches is None:
             return {"loss": self._per_sample(parts)[0].mean()}
@@ -485,7 +567,8 @@ def train_unet(
                 f"dreambooth: {prior.images.summary} in {prior.folder} ({prior.generated} drawn, {prior.reused} reused)"
             )
     caches = build_caches(cfg, train, parts, out, accelerator, prior.images if prior else None)
-    model = trained_modules(cfg, text_encoder)
+    encoder_width = add_features(cfg, caches, out, accelerator) if c.repa is not None else None
+    model = trained_modules(cfg, text_encoder, encoder_width)
     # foreach: one fused update over all parameters instead of three ops and a Python check per parameter.
     ema = EMAModel(trainable(model), decay=c.ema_decay, foreach=True)
     optimizer = make_optimizer(trainable(model), c)
@@ -510,7 +593,13 @@ def train_unet(
     if c.pretrained:
         views.remember_base()
     check = None
-    if c.eval_every:
+    if c.eval_every and cfg.data.name == "emoji":
+        clip_dir = out / "clip"
+        if not clip_dir.is_dir():
+            raise InputError(f"{clip_dir} does not exist: the emoji monitor judges with the run's CLIP model")
+        every, prompts = c.eval_every, c.quality_prompts
+        check = emoji_check(views.pipeline, clip_dir, prompts, every, c.target, c.held_out_target, c.decay_at)
+    elif c.eval_every:
         check = adherence_check(cfg.data.name, views.pipeline, c.quality_prompts, c.eval_every, c.target, c.decay_at)
     if denoising.prior_batches is not None:
         stateful["class_batches"] = denoising.prior_batches

@@ -86,6 +86,74 @@ def skin_tone(image: Image.Image, colours: dict[str, np.ndarray], variants: dict
     return min(variants, key=lambda tone: np.abs(tone_counts(variants[tone], colours) - counts).sum())
 
 
+class EmojiJudge:
+    """The run's CLIP evaluator with every real emoji's features, computed once, to score
+    generated emoji: the full evaluation (`emoji_metrics`) and the UNet stage's monitor alike."""
+
+    def __init__(self, clip, tokenizer, resolution: int):
+        from . import to_tensor
+
+        self.clip, self.tokenizer = clip, tokenizer
+        self.clip_size = clip.config.vision_config.image_size
+        # Every emoji once; the training and held-out rows are picked out of it.
+        everything = make_emoji(resolution=resolution, split="all")
+        self.names, self.bases = list(everything["name"]), list(everything["base"])
+        self.tones = list(everything["skin_tone"])
+        self.images = list(everything["image"])
+        held_pairs = held_out_pairs()
+        self.held_rows = [i for i, pair in enumerate(zip(self.bases, self.tones, strict=True)) if pair in held_pairs]
+        self.train_rows = sorted(set(range(len(self.names))) - set(self.held_rows))
+        self.caption_features = clip_features(clip, tokenizer, texts=[TEMPLATE.format(name=n) for n in self.names])
+        self.real_features = clip_features(clip, tokenizer, images=to_tensor(self.images, self.clip_size))
+        self.colours = tone_colours()
+        self.variants: dict[str, dict[str, Image.Image]] = {self.bases[i]: {} for i in self.held_rows}
+        for image, base, tone in zip(self.images, self.bases, self.tones, strict=True):
+            if tone and base in self.variants:
+                self.variants[base][tone] = image
+
+    def sample_rows(self, num_samples: int, seed: int) -> list[int]:
+        """``num_samples`` training emoji (rows), drawn with ``seed``."""
+        rng = random.Random(seed)
+        return [
+            self.train_rows[i] for i in rng.sample(range(len(self.train_rows)), min(num_samples, len(self.train_rows)))
+        ]
+
+    def prompts(self, rows: list[int]) -> list[str]:
+        return [TEMPLATE.format(name=self.names[i]) for i in rows]
+
+    def _features(self, images: list[Image.Image]) -> torch.Tensor:
+        from . import to_tensor
+
+        return clip_features(self.clip, self.tokenizer, images=to_tensor(images, self.clip_size))
+
+    def adherence(self, generated: list[Image.Image], own: list[int], candidates: int, seed: int) -> dict:
+        """R-precision of images generated for rows ``own`` and their nearest real emoji."""
+        features = self._features(generated)
+        nearest = (features @ self.real_features.T).topk(5, dim=1).indices
+        return {
+            "r_precision": r_precision(features, self.caption_features, own, candidates, seed),
+            "nearest_top1": float(np.mean([int(n[0]) == o for n, o in zip(nearest, own, strict=True)])),
+            "nearest_top5": float(np.mean([o in n.tolist() for n, o in zip(nearest, own, strict=True)])),
+        }
+
+    def skin_tones(self, generated: list[Image.Image], rows: list[int]) -> list[str | None]:
+        """The skin tone drawn in each image generated for a held-out row."""
+        return [
+            skin_tone(im, self.colours, self.variants[self.bases[i]]) for im, i in zip(generated, rows, strict=True)
+        ]
+
+    def held_out(self, generated: list[Image.Image], rows: list[int]) -> dict:
+        """For images generated for held-out rows: the asked skin tone drawn, the emoji among the five nearest."""
+        tones = self.skin_tones(generated, rows)
+        near = (self._features(generated) @ self.real_features.T).topk(5, dim=1).indices
+        return {
+            "held_out_skin_tone": float(np.mean([t == self.tones[i] for t, i in zip(tones, rows, strict=True)])),
+            "held_out_emoji_top5": float(
+                np.mean([self.bases[i] in {self.bases[j] for j in n.tolist()} for n, i in zip(near, rows, strict=True)])
+            ),
+        }
+
+
 def emoji_metrics(
     generate_images,
     clip,
@@ -101,53 +169,18 @@ def emoji_metrics(
     ``nearest_top1``, ``nearest_top5``, ``held_out_skin_tone``, ``held_out_emoji_top5``, and the
     counts of prompts used.
     """
-    from . import to_tensor
-
-    clip_size = clip.config.vision_config.image_size
-    # Every emoji once; the training and held-out rows are picked out of it.
-    everything = make_emoji(resolution=resolution, split="all")
-    names, bases, tones_of = list(everything["name"]), list(everything["base"]), list(everything["skin_tone"])
-    images = list(everything["image"])
-    held_pairs = held_out_pairs()
-    held_rows = [i for i, pair in enumerate(zip(bases, tones_of, strict=True)) if pair in held_pairs]
-    train_rows = sorted(set(range(len(names))) - set(held_rows))
-    rng = random.Random(seed)
-    own = [train_rows[i] for i in rng.sample(range(len(train_rows)), min(num_samples, len(train_rows)))]
-    prompts = [TEMPLATE.format(name=names[i]) for i in own]
-    generated = generate_images(prompts, seed)
-
-    caption_features = clip_features(clip, tokenizer, texts=[TEMPLATE.format(name=n) for n in names])
-    real_features = clip_features(clip, tokenizer, images=to_tensor(images, clip_size))
-    generated_features = clip_features(clip, tokenizer, images=to_tensor(generated, clip_size))
-    nearest = (generated_features @ real_features.T).topk(5, dim=1).indices
+    judge = EmojiJudge(clip, tokenizer, resolution)
+    own = judge.sample_rows(num_samples, seed)
+    generated = generate_images(judge.prompts(own), seed)
     report = {
         "dataset": "emoji",
-        "prompts": len(prompts),
+        "prompts": len(own),
         "candidates": candidates,
-        "r_precision": r_precision(generated_features, caption_features, own, candidates, seed),
-        "r_precision_real": r_precision(real_features[own], caption_features, own, candidates, seed),
-        "nearest_top1": float(np.mean([int(n[0]) == o for n, o in zip(nearest, own, strict=True)])),
-        "nearest_top5": float(np.mean([o in n.tolist() for n, o in zip(nearest, own, strict=True)])),
+        **judge.adherence(generated, own, candidates, seed),
+        "r_precision_real": r_precision(judge.real_features[own], judge.caption_features, own, candidates, seed),
     }
-
-    colours = tone_colours()
-    held_prompts = [TEMPLATE.format(name=names[i]) for i in held_rows]
-    held_images = generate_images(held_prompts, seed + 1)
-    variants: dict[str, dict[str, Image.Image]] = {bases[i]: {} for i in held_rows}
-    for image, base, tone in zip(images, bases, tones_of, strict=True):
-        if tone and base in variants:
-            variants[base][tone] = image
-    tones = [skin_tone(im, colours, variants[bases[i]]) for im, i in zip(held_images, held_rows, strict=True)]
-    held_features = clip_features(clip, tokenizer, images=to_tensor(held_images, clip_size))
-    near = (held_features @ real_features.T).topk(5, dim=1).indices
-    report |= {
-        "held_out_prompts": len(held_prompts),
-        "held_out_skin_tone": float(np.mean([t == tones_of[i] for t, i in zip(tones, held_rows, strict=True)])),
-        "held_out_emoji_top5": float(
-            np.mean([bases[i] in {bases[j] for j in n.tolist()} for n, i in zip(near, held_rows, strict=True)])
-        ),
-        "real_skin_tone": float(
-            np.mean([skin_tone(images[i], colours, variants[bases[i]]) == tones_of[i] for i in held_rows])
-        ),
-    }
+    held = judge.held_rows
+    report |= {"held_out_prompts": len(held), **judge.held_out(generate_images(judge.prompts(held), seed + 1), held)}
+    real_tones = judge.skin_tones([judge.images[i] for i in held], held)
+    report["real_skin_tone"] = float(np.mean([t == judge.tones[i] for t, i in zip(real_tones, held, strict=True)]))
     return report
