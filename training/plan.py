@@ -65,6 +65,8 @@ def _steps(name: str, stage: StageConfig) -> str:
     target = getattr(stage, "target", None)
     if target is not None:
         measure = "held-out PSNR" if name == "vae" else "adherence"
+        if getattr(stage, "held_out_target", None) is not None:  # built-in emoji: two measures
+            measure = f"held-out skin tone {stage.held_out_target:g} and R-precision"
         line += f"; stops at {measure} {target:g}, measured every {stage.eval_every} steps"
     return line
 
