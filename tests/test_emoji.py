@@ -99,7 +99,9 @@ def test_r_precision_counts_the_own_caption_ranked_first():
     assert r_precision(images, captions, own=[0, 1, 2, 3], candidates=32, seed=0) == 0.75
 
 
-def test_the_measures_of_real_images_are_their_ceiling(tmp_path, monkeypatch):
+def _few_emoji(tmp_path, monkeypatch):
+    """The evaluation's emoji cut to a few (OK hand in five tones, one of them held out, and some
+    others), each real image by its prompt, and a seeded tiny CLIP model."""
     monkeypatch.setenv("LDM_CACHE", str(tmp_path))
     subset = [*OK_HAND, "1F44B", "1F600", "1F1E9-1F1EA", *(f"1F44B-{p:X}" for p in range(0x1F3FB, 0x1F400))]
     real = make_emoji(32, codes=subset, split="all")
@@ -114,6 +116,11 @@ def test_the_measures_of_real_images_are_their_ceiling(tmp_path, monkeypatch):
             vision_config=vision_config(get_preset("tiny")).to_dict(),
         )
     )
+    return by_prompt, clip
+
+
+def test_the_measures_of_real_images_are_their_ceiling(tmp_path, monkeypatch):
+    by_prompt, clip = _few_emoji(tmp_path, monkeypatch)
     report = emoji_eval.emoji_metrics(
         lambda prompts, seed: [by_prompt[p] for p in prompts], clip, load_clip_tokenizer(16), 32, 6, candidates=4
     )
@@ -141,20 +148,7 @@ def test_the_emoji_monitor_scores_training_and_held_out_prompts_with_the_runs_cl
 
     from ldm_pipeline.training.quality import emoji_check
 
-    monkeypatch.setenv("LDM_CACHE", str(tmp_path))
-    subset = [*OK_HAND, "1F44B", "1F600", "1F1E9-1F1EA", *(f"1F44B-{p:X}" for p in range(0x1F3FB, 0x1F400))]
-    real = make_emoji(32, codes=subset, split="all")
-    by_prompt = {f"an emoji of {n}": im for n, im in zip(real["name"], real["image"], strict=True)}
-    monkeypatch.setattr(
-        emoji_eval, "make_emoji", lambda resolution, split: make_emoji(resolution, codes=subset, split=split)
-    )
-    torch.manual_seed(0)
-    clip = CLIPModel(
-        CLIPConfig(
-            text_config=text_config(get_preset("tiny")).to_dict(),
-            vision_config=vision_config(get_preset("tiny")).to_dict(),
-        )
-    )
+    by_prompt, clip = _few_emoji(tmp_path, monkeypatch)
     clip.save_pretrained(tmp_path / "clip")
     load_clip_tokenizer(16).save_pretrained(tmp_path / "clip")
     asked = []

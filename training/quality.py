@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
-from ldm_pipeline.evaluation import fit_digit_classifier, generate, prompt_adherence
+from ldm_pipeline.evaluation import fit_digit_classifier, generate, load_clip, prompt_adherence
 from ldm_pipeline.evaluation.metrics import vae_reconstruction_psnr
 from ldm_pipeline.pipeline import LatentDiffusionPipeline
 from ldm_pipeline.schedulers import sampling_defaults
@@ -94,13 +94,9 @@ def emoji_check(
     def measure() -> dict[str, float]:
         with pipeline() as pipe:
             if not judge:  # the real emoji's features, once
-                from transformers import CLIPModel, CLIPTokenizer
-
                 from ldm_pipeline.evaluation.emoji import EmojiJudge
-                from ldm_pipeline.loading import load_model
 
-                clip = load_model(CLIPModel, str(clip_dir))
-                judge.append(EmojiJudge(clip, CLIPTokenizer.from_pretrained(clip_dir), pipe.default_size))
+                judge.append(EmojiJudge(*load_clip(clip_dir), pipe.default_size))
             j = judge[0]
             own, held = j.sample_rows(num_prompts, QUALITY_SEED), j.held_rows
             defaults = sampling_defaults(pipe)

@@ -126,7 +126,8 @@ def prompt_adherence(
     raise InputError(f"unknown evaluation dataset {dataset!r}; use 'shapes' or 'digits'")
 
 
-def _load_clip(clip_dir: str | Path):
+def load_clip(clip_dir: str | Path):
+    """A run's CLIP evaluator (its ``clip/`` folder): the model, loaded strictly, and its tokenizer."""
     from transformers import CLIPModel, CLIPTokenizer
 
     return load_model(CLIPModel, str(clip_dir)), CLIPTokenizer.from_pretrained(clip_dir)
@@ -137,7 +138,7 @@ def _evaluate_emoji(pipe, num_samples, seed, clip_dir, batch_size, **call_kwargs
 
     if clip_dir is None:
         raise InputError("the emoji measures use the run's CLIP evaluator: pass --clip (the run's clip/ folder)")
-    clip, tokenizer = _load_clip(clip_dir)
+    clip, tokenizer = load_clip(clip_dir)
     made: list[Image.Image] = []
 
     def generate_images(prompts: list[str], at_seed: int) -> list[Image.Image]:
@@ -179,7 +180,7 @@ def evaluate(
         real = load_builtin("digits", num_samples=min(num_samples, 256), seed=seed, resolution=size)
     report["clip_score"] = None
     if clip_dir is not None:
-        clip, tokenizer = _load_clip(clip_dir)
+        clip, tokenizer = load_clip(clip_dir)
         clip_size = clip.config.vision_config.image_size
         report["clip_score"] = clip_score(clip, tokenizer, to_tensor(images, clip_size), prompts)
         real_images = list(real["image"])
